@@ -1,0 +1,234 @@
+"""Configs: YAML files mapped onto typed dataclasses.
+
+Unknown keys and values of the wrong type fail at load with the dotted key path
+(``ConfigError: config key 'train.lr': expected a number, got 'fast'``). Command-line overrides are
+``key.path=value`` with the value parsed as YAML.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+from .errors import ConfigError
+
+
+@dataclass
+class TinyModelConfig:
+    """A randomly initialised model built from a config (no download)."""
+    arch: Literal["llama", "qwen2"] = "llama"
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 352
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = True
+
+
+@dataclass
+class ModelConfig:
+    path: str | None = None              # local HF model directory; None builds `tiny`
+    tokenizer: str | None = None         # local tokenizer dir; default: `path`, or "byte" for tiny
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    activation_checkpointing: bool = False
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataConfig:
+    train: str = "demo"                  # a file, or "demo" for the built-in records
+    val: str | None = "demo"
+    test: str | None = None
+    skip_bad_rows: bool = False
+    legacy_tokens: bool = False          # the authors' token regex for derived length bins
+    system_prompt: Literal["profile", "record", "none"] = "profile"
+    max_tokens: int = 2048               # pack capacity = longest example
+    packing: Literal["bucket", "mixed", "none"] = "bucket"
+    batch_size: int = 4                  # examples per micro-batch with packing: none
+    overlong: Literal["truncate_left", "drop"] = "truncate_left"
+    weighting: Literal["bucket", "example", "token"] = "bucket"
+    weight_power: float = 1.0
+    weight_clip: float | None = None
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 1.0
+    max_steps: int | None = None
+    grad_accum: int = 1                  # micro-batches (packs) per optimizer step
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float | None = 1.0
+    loss_backend: Literal["auto", "torch", "reference"] = "auto"
+    device: str = "auto"                 # auto | cpu | cuda | cuda:N
+    num_threads: int | None = None       # torch CPU threads
+    log_every: int = 1
+    eval_every: int = 0                  # steps; 0 = before and after training only
+    save_every: int = 0                  # steps; 0 = only the final export
+    keep_checkpoints: int = 2
+    resume: bool = False                 # continue from run_dir's latest checkpoint
+    progress: bool = True
+
+
+@dataclass
+class SFTConfig:
+    run_dir: str = "runs/sft"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp, key: str):
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"expected a mapping, got {value!r}")
+        return _build(tp, value, key)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key)
+            except ConfigError as e:
+                errors.append(e.message)
+        raise ConfigError(key, "; ".join(errors))
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(key, f"expected one of {', '.join(map(str, choices))}, got {value!r}")
+        return value
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(key, f"expected a list of {len(args)} values, got {value!r}")
+        return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is list:
+        (arg,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(key, f"expected a list, got {value!r}")
+        return [_convert(v, arg, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML reads 1e-3 as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(key, f"expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, f"expected a string, got {value!r}")
+        return value
+    if tp is Any:
+        return value
+    raise ConfigError(key, f"unsupported type {_type_name(tp)}")
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in data:
+        if k not in names:
+            key = f"{prefix}.{k}" if prefix else str(k)
+            raise ConfigError(key, f"unknown key (known: {', '.join(sorted(names))})")
+    kwargs = {k: _convert(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(dotted, f"'{p}' is not a mapping")
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    out = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(item, "overrides are key.path=value")
+        key, raw = item.split("=", 1)
+        out.append((key.strip(), yaml.safe_load(raw) if raw.strip() else None))
+    return out
+
+
+def load_config(cls, path: str | os.PathLike | None = None, overrides: list[str] = (),
+                extra: dict | None = None):
+    """Build ``cls`` from a YAML file (optional), a dict of defaults and ``key=value`` overrides."""
+    tree: dict = {}
+    if extra:
+        for k, v in extra.items():
+            _set_path(tree, k, v)
+    if path is not None:
+        path = os.fspath(path)
+        if not os.path.exists(path):
+            raise ConfigError("<file>", f"config file not found: {path}")
+        with open(path, encoding="utf-8") as f:
+            try:
+                loaded = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError("<file>", f"{path} is not valid YAML: {e}") from e
+        if not isinstance(loaded, dict):
+            raise ConfigError("<file>", f"{path} must hold a mapping at top level")
+        tree = _merge(tree, loaded)
+    for key, value in parse_overrides(list(overrides)):
+        _set_path(tree, key, value)
+    return _build(cls, tree)
+
+
+def _merge(base: dict, new: dict) -> dict:
+    out = dict(base)
+    for k, v in new.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def to_dict(cfg) -> dict:
+    def clean(x):
+        if isinstance(x, tuple):
+            return [clean(v) for v in x]
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        return x
+    return clean(dataclasses.asdict(cfg))
+
+
+def save_config(cfg, path: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False, allow_unicode=True)

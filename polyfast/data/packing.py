@@ -1,0 +1,188 @@
+"""Packing: examples -> packs -> batches in the one batch format of DESIGN.md.
+
+A pack is a list of whole examples laid end to end in one row of at most ``max_tokens`` tokens:
+
+    input_ids (1, T)  position_ids (1, T) restarting at 0 per example  cu_seqlens (E+1,) int32
+    max_seqlen        labels (1, T) (-100 on prompt tokens)             token_weights (T,) fp32
+    bucket_ids (T,)   (index into the batch's ``bucket_names``)
+
+Modes: "bucket" (default) packs first-fit-decreasing within each bucket, so a pack never mixes
+buckets; "mixed" packs first-fit-decreasing over all examples; "none" is the padded baseline:
+``batch_size`` examples per batch, one per row, padded to the longest (``attention_mask`` (B, L)).
+
+Token weights make the step loss of METHOD.md section 2 independent of how examples are grouped:
+each response token of example i gets ``omega = m_i / T_i`` (m_i its mass: w_b for bucket
+weighting, 1 for example weighting; token weighting uses omega = 1, m_i = T_i). A micro-batch then
+contributes ``sum_t omega_t * CE_t`` and the step divides by the sum of m_i over its examples.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from .tokenize import Example
+
+PACKINGS = ("bucket", "mixed", "none")
+WEIGHTINGS = ("bucket", "example", "token")
+IGNORE_INDEX = -100
+
+
+def _first_fit_decreasing(examples: Sequence[Example], capacity: int) -> list[list[Example]]:
+    order = sorted(examples, key=lambda e: (-len(e), e.record_id))
+    bins: list[list[Example]] = []
+    free: list[int] = []
+    for ex in order:
+        if len(ex) > capacity:
+            raise ValueError(f"example {ex.record_id} has {len(ex)} tokens > max_tokens {capacity}; "
+                             "fit lengths before packing")
+        for i, room in enumerate(free):
+            if len(ex) <= room:
+                bins[i].append(ex)
+                free[i] -= len(ex)
+                break
+        else:
+            bins.append([ex])
+            free.append(capacity - len(ex))
+    return bins
+
+
+def pack_examples(examples: Sequence[Example], max_tokens: int, packing: str = "bucket", *,
+                  batch_size: int = 1, seed: int | None = None) -> list[list[Example]]:
+    """Group examples into packs (see the module docstring). Examples are never split.
+
+    ``seed`` shuffles the order of packs ("none": of examples before grouping); None keeps the
+    deterministic packing order.
+    """
+    if packing not in PACKINGS:
+        raise ValueError(f"packing must be one of {PACKINGS}, got {packing!r}")
+    if packing == "none":
+        items = list(examples)
+        if seed is not None:
+            random.Random(seed).shuffle(items)
+        packs = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+        return packs
+    if packing == "mixed":
+        packs = _first_fit_decreasing(examples, max_tokens)
+    else:
+        by_bucket: dict[str, list[Example]] = {}
+        for ex in examples:
+            by_bucket.setdefault(ex.bucket, []).append(ex)
+        packs = [p for b in sorted(by_bucket) for p in _first_fit_decreasing(by_bucket[b], max_tokens)]
+    if seed is not None:
+        random.Random(seed).shuffle(packs)
+    return packs
+
+
+def example_mass(ex: Example, weighting: str = "bucket") -> float:
+    """m_i: what example i adds to the step's normaliser."""
+    if weighting == "bucket":
+        return ex.weight
+    if weighting == "example":
+        return 1.0
+    if weighting == "token":
+        return float(ex.n_response)
+    raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+
+
+def _token_weight(ex: Example, weighting: str) -> float:
+    if weighting == "token":
+        return 1.0
+    return example_mass(ex, weighting) / max(ex.n_response, 1)
+
+
+@dataclass
+class Batch:
+    """One micro-batch. Packed: all (1, T) with ``cu_seqlens``; padded ("none"): (B, L) with
+    ``attention_mask``. ``mass`` is the sum of the examples' m_i (a Python float: no device sync)."""
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    labels: torch.Tensor
+    token_weights: torch.Tensor
+    bucket_ids: torch.Tensor
+    bucket_names: list[str]
+    mass: float
+    num_examples: int
+    num_tokens: int            # real (non-pad) tokens
+    cu_seqlens: torch.Tensor | None = None
+    max_seqlen: int = 0
+    attention_mask: torch.Tensor | None = None
+    record_ids: list[str] = field(default_factory=list)
+
+    @property
+    def packed(self) -> bool:
+        return self.cu_seqlens is not None
+
+    @property
+    def slots(self) -> int:
+        return self.input_ids.numel()
+
+    def to(self, device) -> "Batch":
+        out = Batch(**self.__dict__)
+        for name in ("input_ids", "position_ids", "labels", "token_weights", "bucket_ids",
+                     "cu_seqlens", "attention_mask"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(out, name, t.to(device, non_blocking=True))
+        return out
+
+    def model_inputs(self) -> dict:
+        """Keyword arguments of ``model.model(...)`` for this batch."""
+        if self.packed:
+            return dict(input_ids=self.input_ids, position_ids=self.position_ids,
+                        cu_seq_lens_q=self.cu_seqlens, cu_seq_lens_k=self.cu_seqlens,
+                        max_length_q=self.max_seqlen, max_length_k=self.max_seqlen)
+        return dict(input_ids=self.input_ids, position_ids=self.position_ids,
+                    attention_mask=self.attention_mask)
+
+
+def collate(pack: Sequence[Example], bucket_names: Sequence[str], *, weighting: str = "bucket",
+            padded: bool = False, pad_id: int = 0) -> Batch:
+    """Lay a pack out in the batch format. ``bucket_names`` fixes the bucket -> id mapping."""
+    index = {b: i for i, b in enumerate(bucket_names)}
+    ids, pos, labels, weights, buckets, lens = [], [], [], [], [], []
+    for ex in pack:
+        if ex.n_prompt < 1:
+            raise ValueError(f"example {ex.record_id} has no prompt token: its first label would "
+                             "be predicted across an example boundary")
+        n = len(ex)
+        w = _token_weight(ex, weighting)
+        ids.append(list(ex.input_ids))
+        pos.append(list(range(n)))
+        labels.append([IGNORE_INDEX] * ex.n_prompt + list(ex.input_ids[ex.n_prompt:]))
+        weights.append([0.0] * ex.n_prompt + [w] * ex.n_response)
+        buckets.append([index[ex.bucket]] * n)
+        lens.append(n)
+    mass = sum(example_mass(ex, weighting) for ex in pack)
+    common = dict(bucket_names=list(bucket_names), mass=mass, num_examples=len(pack),
+                  num_tokens=sum(lens), record_ids=[ex.record_id for ex in pack])
+    if not padded:
+        flat = lambda rows: [x for r in rows for x in r]  # noqa: E731
+        cu = torch.tensor([0] + lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        return Batch(input_ids=torch.tensor([flat(ids)]), position_ids=torch.tensor([flat(pos)]),
+                     labels=torch.tensor([flat(labels)]),
+                     token_weights=torch.tensor(flat(weights), dtype=torch.float32),
+                     bucket_ids=torch.tensor(flat(buckets)), cu_seqlens=cu,
+                     max_seqlen=max(lens), **common)
+    L = max(lens)
+    pad = lambda rows, v: [r + [v] * (L - len(r)) for r in rows]  # noqa: E731
+    mask = torch.tensor([[1] * n + [0] * (L - n) for n in lens])
+    return Batch(input_ids=torch.tensor(pad(ids, pad_id)), position_ids=torch.tensor(pad(pos, 0)),
+                 labels=torch.tensor(pad(labels, IGNORE_INDEX)),
+                 token_weights=torch.tensor(pad(weights, 0.0), dtype=torch.float32).flatten(),
+                 bucket_ids=torch.tensor(pad(buckets, -1)).flatten(), attention_mask=mask,
+                 max_seqlen=L, **common)
+
+
+def packing_efficiency(packs: Sequence[Sequence[Example]], max_tokens: int, packing: str) -> float:
+    """Real tokens / token slots the batches occupy (padded rows for "none", max_tokens per pack)."""
+    real = sum(len(e) for p in packs for e in p)
+    if packing == "none":
+        slots = sum(len(p) * max(len(e) for e in p) for p in packs)
+    else:
+        slots = len(packs) * max_tokens
+    return real / max(slots, 1)

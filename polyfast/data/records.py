@@ -1,0 +1,331 @@
+"""Records (one human response in its context) and the readers that turn files into them.
+
+Formats, detected per row:
+- polyfast JSONL: the fields of :class:`Record` (``response`` required);
+- LLaMA-Factory alpaca (``instruction``/``input``/``output``/``system``/``history``), including the
+  authors' ``dist_sft_*.json`` with ``bucket_id``, ``length_bin``, ``family``, ``track``,
+  ``style_bucket`` and ``dist_sft_weight``;
+- chat JSONL with a ``messages`` list of ``{"role", "content"}`` (system?, user, assistant, ...,
+  ending on the assistant response).
+
+Rows are numbered from 1 (the line of a JSONL file, the position in a JSON array). Bad rows raise
+:class:`DataError` naming file and row; with ``skip_bad_rows=True`` they are skipped and counted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from ..errors import DataError
+from . import text as T
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Record:
+    """One human response in its interaction context (METHOD.md section 1)."""
+
+    id: str
+    response: str
+    question: str = ""
+    context: str = ""
+    system: str = ""          # the record's own system prompt; profile prompts are derived, not stored
+    history: tuple[tuple[str, str], ...] = ()
+    language: str = "en"
+    track: str = "single"
+    family: str = "assistant"
+    style: str = ""
+    length_bin: str = "short"
+    bucket_id: str = "en|single|assistant|short"
+    weight: float | None = None   # a weight shipped with the data (the authors' dist_sft_weight)
+    split: str = ""
+    meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def prompt(self) -> str:
+        """The user turn: question, then context (LLaMA-Factory joins instruction and input so)."""
+        return "\n".join(p for p in (self.question, self.context) if p)
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["history"] = [list(turn) for turn in self.history]
+        return {k: v for k, v in d.items() if v not in (None, "", {}, [])}
+
+
+def make_record(*, id: str, response: str, question: str = "", context: str = "", system: str = "",
+                history=(), language: str | None = None, track: str | None = None,
+                family: str | None = None, style: str | None = None, length_bin: str | None = None,
+                bucket_id: str | None = None, weight: float | None = None, split: str = "",
+                meta: dict | None = None, legacy_tokens: bool = False) -> Record:
+    """Build a Record, deriving what the data leaves out and checking what it gives.
+
+    Raises ValueError (the readers add file and row) on unknown languages, tracks, families or bins,
+    and on a given bucket_id that disagrees with its parts.
+    """
+    history = tuple((u, a) for u, a in history)
+    if language is None:
+        language = T.detect_language(" ".join([question, context, response]))
+    if track is None:
+        track = "multi" if history else "single"
+    family = family or "assistant"
+    if length_bin is None:
+        length_bin = T.length_bin(T.token_count(response, legacy=legacy_tokens))
+    for name, value, allowed in (("language", language, T.LANGUAGES), ("track", track, T.TRACKS),
+                                 ("family", family, T.FAMILIES),
+                                 ("length_bin", length_bin, T.LENGTH_BINS)):
+        if value not in allowed:
+            raise ValueError(f"{name} {value!r} is not one of {', '.join(allowed)}")
+    derived = T.bucket_id(language, track, family, length_bin)
+    if bucket_id is not None and bucket_id != derived:
+        raise ValueError(f"bucket_id {bucket_id!r} disagrees with its parts ({derived!r})")
+    if system and T.is_profile_prompt(system):
+        system = ""  # a profile prompt is rebuilt from the metadata when asked for
+    return Record(id=str(id), response=response, question=question, context=context, system=system,
+                  history=history, language=language, track=track, family=family, style=style or "",
+                  length_bin=length_bin, bucket_id=derived, weight=weight, split=split,
+                  meta=dict(meta or {}))
+
+
+@dataclass
+class LoadReport:
+    """What a read kept and skipped (skips only happen with ``skip_bad_rows``)."""
+
+    path: str
+    rows: int = 0
+    kept: int = 0
+    skipped: Counter = field(default_factory=Counter)    # reason -> count
+    first_errors: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        s = f"{self.path}: {self.kept}/{self.rows} rows kept"
+        if self.skipped:
+            s += " (skipped: " + ", ".join(f"{k} {v}" for k, v in sorted(self.skipped.items())) + ")"
+        return s
+
+
+# ---------------------------------------------------------------------------------------------
+# row parsers: dict -> keyword arguments of make_record; raise ValueError with a plain message
+
+
+def _str(row: dict, key: str, required: bool = False) -> str:
+    value = row.get(key)
+    if value is None:
+        if required:
+            raise ValueError(f"missing '{key}'")
+        return ""
+    if not isinstance(value, str):
+        raise ValueError(f"'{key}' must be a string, got {type(value).__name__}")
+    return value
+
+
+def _history(row: dict, key: str = "history") -> list[tuple[str, str]]:
+    value = row.get(key) or []
+    if not isinstance(value, list):
+        raise ValueError(f"'{key}' must be a list of [user, assistant] pairs")
+    turns = []
+    for i, turn in enumerate(value):
+        if isinstance(turn, dict):
+            turn = [turn.get("user"), turn.get("assistant")]
+        if (not isinstance(turn, (list, tuple)) or len(turn) != 2
+                or not all(isinstance(t, str) for t in turn)):
+            raise ValueError(f"'{key}[{i}]' must be a [user, assistant] pair of strings")
+        turns.append((turn[0], turn[1]))
+    return turns
+
+
+def _response(text: str, key: str) -> str:
+    if not text.strip():
+        raise ValueError(f"empty response '{key}'")
+    return text
+
+
+def _weight(row: dict, key: str) -> float | None:
+    value = row.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"'{key}' must be a number, got {type(value).__name__}")
+    return float(value)
+
+
+def _meta_fields(row: dict) -> dict[str, Any]:
+    out = {}
+    for key in ("language", "track", "family", "length_bin", "bucket_id"):
+        if row.get(key) is not None:
+            out[key] = _str(row, key)
+    style = row.get("style", row.get("style_bucket"))
+    if style is not None:
+        out["style"] = _str({"style": style}, "style")
+    return out
+
+
+_POLYFAST_KEYS = {f.name for f in dataclasses.fields(Record)}
+_ALPACA_KEYS = {"instruction", "input", "output", "system", "history", "dist_sft_weight",
+                "style_bucket", "weight", "id", "split"} | _POLYFAST_KEYS
+_CHAT_KEYS = {"messages", "id", "weight", "split", "style_bucket"} | _POLYFAST_KEYS
+
+
+def _parse_polyfast(row: dict, default_id: str) -> dict:
+    return dict(id=row.get("id", default_id), response=_response(_str(row, "response", True), "response"),
+                question=_str(row, "question"), context=_str(row, "context"),
+                system=_str(row, "system"), history=_history(row), weight=_weight(row, "weight"),
+                split=_str(row, "split"), **_meta_fields(row),
+                meta={k: v for k, v in row.items() if k not in _POLYFAST_KEYS})
+
+
+def _parse_alpaca(row: dict, default_id: str) -> dict:
+    weight = _weight(row, "dist_sft_weight")
+    if weight is None:
+        weight = _weight(row, "weight")
+    return dict(id=row.get("id", default_id), response=_response(_str(row, "output", True), "output"),
+                question=_str(row, "instruction"), context=_str(row, "input"),
+                system=_str(row, "system"), history=_history(row), weight=weight,
+                split=_str(row, "split"), **_meta_fields(row),
+                meta={k: v for k, v in row.items() if k not in _ALPACA_KEYS})
+
+
+def _parse_chat(row: dict, default_id: str) -> dict:
+    messages = row["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("'messages' must be a non-empty list")
+    system, turns = "", []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+            raise ValueError(f"messages[{i}] must be an object with a string 'content'")
+        role = m.get("role")
+        if role == "system" and i == 0:
+            system = m["content"]
+        elif role in ("user", "assistant"):
+            want = "user" if len(turns) % 2 == 0 else "assistant"
+            if role != want:
+                raise ValueError(f"messages[{i}]: expected a '{want}' turn, got '{role}'")
+            turns.append(m["content"])
+        else:
+            raise ValueError(f"messages[{i}]: unknown role {role!r} "
+                             "(expected system first, then alternating user/assistant)")
+    if len(turns) < 2 or len(turns) % 2:
+        raise ValueError("'messages' must end with the assistant response to a user turn")
+    history = list(zip(turns[:-2:2], turns[1:-2:2]))
+    return dict(id=row.get("id", default_id), response=_response(turns[-1], "messages[-1]"),
+                question=turns[-2], system=system, history=history, weight=_weight(row, "weight"),
+                split=_str(row, "split"), **_meta_fields(row),
+                meta={k: v for k, v in row.items() if k not in _CHAT_KEYS})
+
+
+def _parse_row(row: Any, default_id: str) -> dict:
+    if not isinstance(row, dict):
+        raise ValueError(f"a record must be a JSON object, got {type(row).__name__}")
+    if "messages" in row:
+        return _parse_chat(row, default_id)
+    if "output" in row or "instruction" in row:
+        return _parse_alpaca(row, default_id)
+    if "response" in row:
+        return _parse_polyfast(row, default_id)
+    raise ValueError("no response: expected 'response' (polyfast), 'output' (alpaca) "
+                     "or 'messages' (chat)")
+
+
+# ---------------------------------------------------------------------------------------------
+# files
+
+
+def _decode(path: str, raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(f"line {line} is not valid UTF-8 ({e.reason} at byte {e.start})", path) from e
+
+
+def _iter_rows(path: str, skip_bad_rows: bool, report: LoadReport) -> Iterator[tuple[int, Any]]:
+    """Yield (row number, parsed JSON value). JSONL rows decode line by line, so a bad line in a
+    JSONL file is one bad row; a JSON file must parse as a whole."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    if not raw.strip():
+        raise DataError("empty file", path)
+    is_jsonl = path.endswith(".jsonl") or (not path.endswith(".json")
+                                           and raw.lstrip()[:1] == b"{")
+    if not is_jsonl:
+        try:
+            data = json.loads(_decode(path, raw))
+        except json.JSONDecodeError as e:
+            raise DataError(f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}", path) from e
+        if isinstance(data, dict) and isinstance(data.get("data"), list):
+            data = data["data"]
+        if not isinstance(data, list):
+            raise DataError("a .json data file must hold a list of records", path)
+        yield from enumerate(data, start=1)
+        return
+    for lineno, line in enumerate(raw.split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line.decode("utf-8-sig"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            kind = "not valid UTF-8" if isinstance(e, UnicodeDecodeError) else f"invalid JSON ({e})"
+            if not skip_bad_rows:
+                raise DataError(kind, path, lineno) from e
+            report.rows += 1
+            report.skipped["invalid JSON" if "JSON" in kind else "bad UTF-8"] += 1
+            report.first_errors.append(f"{path}:{lineno}: {kind}")
+
+
+def _reason(message: str) -> str:
+    """A skip reason to count under: the message with row-specific numbers and values blanked."""
+    return re.sub(r"\d+|'[^']*'|\"[^\"]*\"", "#", message)[:80]
+
+
+def read_records(path: str | os.PathLike, *, skip_bad_rows: bool = False, legacy_tokens: bool = False,
+                 split: str = "") -> tuple[list[Record], LoadReport]:
+    """Read records and a report of what was kept. See :func:`load_records`."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise DataError("no such file", path)
+    stem = os.path.splitext(os.path.basename(path))[0]
+    report = LoadReport(path)
+    records, seen = [], {}
+    for row_no, row in _iter_rows(path, skip_bad_rows, report):
+        report.rows += 1
+        try:
+            rec = make_record(**_parse_row(row, f"{stem}:{row_no}"), legacy_tokens=legacy_tokens)
+            if split and not rec.split:
+                rec = dataclasses.replace(rec, split=split)
+            if rec.id in seen:
+                raise ValueError(f"duplicate id {rec.id!r} (first at row {seen[rec.id]})")
+        except ValueError as e:
+            if not skip_bad_rows:
+                raise DataError(str(e), path, row_no) from None
+            report.skipped[_reason(str(e))] += 1
+            if len(report.first_errors) < 5:
+                report.first_errors.append(f"{path}:{row_no}: {e}")
+            continue
+        seen[rec.id] = row_no
+        records.append(rec)
+    report.kept = len(records)
+    if not records:
+        raise DataError(f"no usable records ({report.summary()})", path)
+    if report.skipped:
+        log.warning("%s; first: %s", report.summary(), "; ".join(report.first_errors[:3]))
+    return records, report
+
+
+def load_records(path: str | os.PathLike, *, skip_bad_rows: bool = False,
+                 legacy_tokens: bool = False, split: str = "") -> list[Record]:
+    """Read a .jsonl/.json file of polyfast, alpaca or chat records.
+
+    Metadata the file gives (language, track, family, length_bin, bucket_id) is kept and checked for
+    consistency; what it leaves out is derived (``legacy_tokens`` picks the authors' token regex for
+    the length bin). Bad rows raise DataError naming the file and row, unless ``skip_bad_rows``,
+    which skips them and logs the counts.
+    """
+    return read_records(path, skip_bad_rows=skip_bad_rows, legacy_tokens=legacy_tokens,
+                        split=split)[0]

@@ -1,0 +1,26 @@
+"""Errors a user can act on: each names the file and row, or the config key, at fault."""
+
+from __future__ import annotations
+
+
+class PolyfastError(Exception):
+    """Base class of polyfast's user-facing errors."""
+
+
+class DataError(PolyfastError, ValueError):
+    """Bad input data. ``str(err)`` reads ``path:row: message``."""
+
+    def __init__(self, message: str, path: str | None = None, row: int | None = None):
+        self.path, self.row, self.message = path, row, message
+        where = ""
+        if path is not None:
+            where = f"{path}:{row}: " if row is not None else f"{path}: "
+        super().__init__(where + message)
+
+
+class ConfigError(PolyfastError, ValueError):
+    """A bad config value. ``str(err)`` names the dotted key path."""
+
+    def __init__(self, key: str, message: str):
+        self.key, self.message = key, message
+        super().__init__(f"config key '{key}': {message}")

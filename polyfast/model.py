@@ -1,0 +1,93 @@
+"""Load a Hugging Face causal LM (local directory or a tiny config) and expose what the loss needs:
+the trunk's hidden states (``model.model(...)``), the head weight and the final-logit softcap."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import attention
+from .config import ModelConfig, TinyModelConfig
+from .errors import ConfigError
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("train.device", f"{name!r} asked for, but no CUDA device is available")
+    return torch.device(name)
+
+
+def param_dtype(cfg: ModelConfig) -> torch.dtype:
+    # "auto": fp32 parameters everywhere; CUDA runs the forward under bf16 autocast
+    return torch.float32 if cfg.dtype == "auto" else _DTYPES[cfg.dtype]
+
+
+def tiny_config(tiny: TinyModelConfig, tokenizer):
+    """A transformers config of the tiny Llama- or Qwen2-shaped model for this tokenizer."""
+    from transformers import LlamaConfig, Qwen2Config
+
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[tiny.arch]
+    if tiny.hidden_size % tiny.num_heads or tiny.num_heads % tiny.num_kv_heads:
+        raise ConfigError("model.tiny", "hidden_size must divide by num_heads, and num_heads by "
+                          "num_kv_heads")
+    return cls(vocab_size=len(tokenizer), hidden_size=tiny.hidden_size,
+               intermediate_size=tiny.intermediate_size, num_hidden_layers=tiny.num_layers,
+               num_attention_heads=tiny.num_heads, num_key_value_heads=tiny.num_kv_heads,
+               max_position_embeddings=tiny.max_position_embeddings,
+               tie_word_embeddings=tiny.tie_word_embeddings, bos_token_id=tokenizer.bos_token_id,
+               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+
+
+def load_model(cfg: ModelConfig, tokenizer, *, packed: bool = True, seed: int = 0):
+    """The causal LM: from ``cfg.path`` (safetensors only) or randomly initialised from ``cfg.tiny``.
+
+    ``packed`` selects polyfast's varlen attention (packed batches); False selects SDPA with
+    padding masks (the ``packing: none`` baseline and generation).
+    """
+    from transformers import AutoModelForCausalLM
+
+    attn = attention.ATTN_IMPLEMENTATION if packed else "sdpa"
+    dtype = param_dtype(cfg)
+    if cfg.path:
+        if not os.path.isdir(cfg.path):
+            raise ConfigError("model.path", f"not a local model directory: {cfg.path}")
+        model = AutoModelForCausalLM.from_pretrained(
+            cfg.path, dtype=dtype, attn_implementation=attn, use_safetensors=True,
+            trust_remote_code=cfg.trust_remote_code)
+    else:
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(tiny_config(cfg.tiny, tokenizer), dtype=dtype,
+                                                 attn_implementation=attn)
+    if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
+        raise ConfigError("model.tokenizer", f"the tokenizer has {len(tokenizer)} tokens, the model "
+                          f"only {model.get_input_embeddings().weight.shape[0]} embeddings")
+    if cfg.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def set_packed(model, packed: bool) -> None:
+    """Switch between polyfast's packed attention and SDPA (for padded batches / generation)."""
+    model.set_attn_implementation(attention.ATTN_IMPLEMENTATION if packed else "sdpa")
+
+
+def head_weight(model) -> torch.Tensor:
+    """The LM head weight (V, H) (the input embedding when tied)."""
+    return model.get_output_embeddings().weight
+
+
+def logit_softcap(model) -> float | None:
+    """Gemma-2's final-logit softcapping, or None."""
+    return getattr(model.config, "final_logit_softcapping", None) or None
+
+
+def hidden_states(model, batch) -> torch.Tensor:
+    """The trunk's last hidden states of a batch, flattened: (B*T, H)."""
+    out = model.model(**batch.model_inputs(), use_cache=False)
+    h = out.last_hidden_state  # (B, T, H)
+    return h.reshape(-1, h.shape[-1])

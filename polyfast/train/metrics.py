@@ -1,0 +1,40 @@
+"""metrics.jsonl writer and the per-bucket tables printed at the end of a run."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+
+class MetricsLog:
+    """Appends one JSON object per line to ``run_dir/metrics.jsonl``."""
+
+    def __init__(self, run_dir: str, resume: bool = False):
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        if not resume and os.path.exists(self.path):
+            os.remove(self.path)
+
+    def write(self, row: dict) -> None:
+        row = {"time": round(time.time(), 3), **row}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def format_table(headers: list[str], rows: list[list], align: str | None = None) -> str:
+    """A plain-text (markdown-compatible) table."""
+    cells = [[str(h) for h in headers]] + [[_fmt(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    align = align or "l" + "r" * (len(headers) - 1)
+    def line(r):
+        return "| " + " | ".join(c.ljust(w) if a == "l" else c.rjust(w)
+                                 for c, w, a in zip(r, widths, align)) + " |"
+    sep = "|" + "|".join(("-" * (w + 1) + ":") if a == "r" else ("-" * (w + 2))
+                         for w, a in zip(widths, align)) + "|"
+    return "\n".join([line(cells[0]), sep] + [line(r) for r in cells[1:]])
+
+
+def _fmt(x) -> str:
+    if isinstance(x, float):
+        return f"{x:.4f}" if abs(x) < 1000 else f"{x:,.0f}"
+    return str(x)
