@@ -12,6 +12,10 @@ Backends, chosen per call:
 - CPU (and fallback): a loop over examples with ``scaled_dot_product_attention`` (is_causal), or an
   explicit softmax when the model uses attention-logit softcapping (Gemma-2) or a sliding window.
 
+transformers builds no mask for an attention function it does not know, so ``attention_mask`` is
+always None here; a batch of several rows is attended row by row, causally (right padding is then
+harmless: real tokens never see the pads after them).
+
 Shapes: query (B, Hq, T, D), key/value (B, Hkv, T, D); returns (B, T, Hq, D) as transformers expects.
 """
 
@@ -100,9 +104,6 @@ def packed_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     """The function transformers calls in every attention layer (see the module docstring)."""
     if dropout:
         raise ValueError(f"{ATTN_IMPLEMENTATION} does not support attention dropout")
-    if attention_mask is not None:
-        raise ValueError(f"{ATTN_IMPLEMENTATION} takes packed batches (cu_seq_lens), not padding "
-                         "masks; use attn_implementation='sdpa' for padded batches")
     B, Hq, T, D = query.shape
     groups = Hq // key.shape[1]
     scale = scaling if scaling is not None else 1.0 / math.sqrt(D)

@@ -151,15 +151,15 @@ class SFTTrainer:
                                normalizer, softcap=self.softcap,
                                backend=self.cfg.train.loss_backend)
 
-    def train_step(self, packs: list[list[Example]]) -> dict:
-        """Forward/backward every micro-batch, normalised by the step's total mass, then update."""
+    def forward_backward(self, packs: list[list[Example]]) -> dict:
+        """Forward/backward every micro-batch of a step, each normalised by the step's total mass,
+        so the accumulated gradient is that of METHOD.md's step loss."""
         self.model.train()
         weighting = self.cfg.data.weighting
         normalizer = sum(example_mass(ex, weighting) for p in packs for ex in p)
-        K = len(self.data.bucket_names)
-        bucket_sum = torch.zeros(K, device=self.device)
-        bucket_mass = torch.zeros(K)
         index = {b: i for i, b in enumerate(self.data.bucket_names)}
+        bucket_sum = torch.zeros(len(index), device=self.device)
+        bucket_mass = torch.zeros(len(index))
         loss_total = torch.zeros((), device=self.device)
         tokens = slots = 0
         for pack in packs:
@@ -167,20 +167,27 @@ class SFTTrainer:
             loss, per_token = self.micro_loss(batch, normalizer)
             loss.backward()
             loss_total += loss.detach()
+            # per_token sits at the predicting position, which shares its example (and bucket)
+            # with the target wherever per_token is non-zero
             bucket_sum.index_add_(0, batch.bucket_ids.clamp(min=0), per_token.detach())
             for ex in pack:
                 bucket_mass[index[ex.bucket]] += example_mass(ex, weighting)
             tokens += batch.num_tokens
             slots += batch.slots
+        return {"loss": loss_total, "bucket_sum": bucket_sum, "bucket_mass": bucket_mass,
+                "tokens": tokens, "slots": slots}
+
+    def train_step(self, packs: list[list[Example]]) -> dict:
+        """One optimizer step: forward_backward, gradient clipping, update, schedule."""
+        out = self.forward_backward(packs)
         clip = self.cfg.train.grad_clip
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
-                                                   clip if clip else float("inf"))
+        out["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                          clip if clip else float("inf"))
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return {"loss": loss_total, "grad_norm": grad_norm, "bucket_sum": bucket_sum,
-                "bucket_mass": bucket_mass, "tokens": tokens, "slots": slots}
+        return out
 
     # -- evaluation ---------------------------------------------------------------------------
     @torch.no_grad()
