@@ -67,8 +67,9 @@ def _loop_attention(q, k, v, cu, scale, softcap, window):
         qs, ks, vs = q[:, s:e], k[:, s:e], v[:, s:e]
         if softcap or window:
             out[:, s:e] = _explicit_causal(qs, ks, vs, scale, softcap, window)
-        else:
-            out[:, s:e] = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)
+        else:  # 4-D inputs: the CPU flash kernel takes only those (3-D falls back to the math path)
+            out[:, s:e] = F.scaled_dot_product_attention(qs[None], ks[None], vs[None], is_causal=True,
+                                                         scale=scale)[0]
     return out
 
 

@@ -20,7 +20,7 @@ DEMO_SFT = {
                        "max_position_embeddings": 4096, "tie_word_embeddings": True}},
     "data": {"train": "demo", "val": "demo", "max_tokens": 2048, "packing": "bucket",
              "weighting": "bucket"},
-    "train": {"epochs": 1.5, "lr": 3e-3, "warmup_ratio": 0.05, "min_lr_ratio": 0.1,
+    "train": {"epochs": 2, "lr": 3e-3, "warmup_ratio": 0.05, "min_lr_ratio": 0.1,
               "grad_accum": 1, "grad_clip": 1.0, "num_threads": None, "log_every": 5},
 }
 

@@ -117,10 +117,6 @@ class Batch:
     def packed(self) -> bool:
         return self.cu_seqlens is not None
 
-    @property
-    def slots(self) -> int:
-        return self.input_ids.numel()
-
     def to(self, device) -> "Batch":
         out = Batch(**self.__dict__)
         for name in ("input_ids", "position_ids", "labels", "token_weights", "bucket_ids",

@@ -161,7 +161,7 @@ class SFTTrainer:
         bucket_sum = torch.zeros(len(index), device=self.device)
         bucket_mass = torch.zeros(len(index))
         loss_total = torch.zeros((), device=self.device)
-        tokens = slots = 0
+        tokens = 0
         for pack in packs:
             batch = self.batch(pack)
             loss, per_token = self.micro_loss(batch, normalizer)
@@ -173,9 +173,8 @@ class SFTTrainer:
             for ex in pack:
                 bucket_mass[index[ex.bucket]] += example_mass(ex, weighting)
             tokens += batch.num_tokens
-            slots += batch.slots
         return {"loss": loss_total, "bucket_sum": bucket_sum, "bucket_mass": bucket_mass,
-                "tokens": tokens, "slots": slots}
+                "tokens": tokens}
 
     def train_step(self, packs: list[list[Example]]) -> dict:
         """One optimizer step: forward_backward, gradient clipping, update, schedule."""
@@ -251,13 +250,12 @@ class SFTTrainer:
             metrics.write({"event": "eval", "step": self.step, **eval_before})
         bar = tqdm(total=self.total_steps, initial=self.step, desc="sft", unit="step",
                    disable=not t.progress, dynamic_ncols=True)
-        tokens = slots = 0
+        tokens = 0
         t0 = time.perf_counter()
         last = {}
         while self.step < self.total_steps:
             out = self.train_step(self.step_packs(self.step))
             tokens += out["tokens"]
-            slots += out["slots"]
             if self.step % t.log_every == 0 or self.step == self.total_steps:
                 elapsed = time.perf_counter() - t0
                 mass = out["bucket_mass"]
@@ -265,7 +263,6 @@ class SFTTrainer:
                 last = {"event": "train", "step": self.step, "loss": out["loss"].item(),
                         "grad_norm": float(out["grad_norm"]),
                         "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": tokens / elapsed,
-                        "slot_efficiency": tokens / max(slots, 1),
                         "bucket_loss": {names[i]: float(bsum[i] / mass[i])
                                         for i in range(len(names)) if mass[i] > 0}}
                 metrics.write(last)

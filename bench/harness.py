@@ -1,0 +1,106 @@
+"""One benchmark harness: timing quantiles, peak memory, the machine, JSONL rows and a table.
+
+Timing: ``triton.testing.do_bench`` on CUDA (median, p20, p80 in ms); on a CPU, wall-clock over
+repeats after a warm-up. Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA; on a CPU the
+rise of the process's peak resident set over its level before the measured call, so each
+measurement that reports CPU memory runs in a fresh process (``run_isolated``).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+
+def machine() -> dict:
+    info = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "torch": torch.__version__, "python": platform.python_version()}
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        import transformers
+        info["transformers"] = transformers.__version__
+    except Exception:  # noqa: BLE001
+        pass
+    if torch.cuda.is_available():
+        info["device"] = torch.cuda.get_device_name()
+    else:
+        model = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+        info["device"] = f"CPU {model}, {torch.get_num_threads()} threads"
+    return info
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def measure(fn, device: str, repeats: int = 5, warmup: int = 1) -> dict:
+    """Time ``fn`` and measure the peak memory of its first call."""
+    if device.startswith("cuda"):
+        from triton.testing import do_bench
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        ms = do_bench(fn, quantiles=[0.5, 0.2, 0.8])
+        return {"ms": ms[0], "ms_p20": ms[1], "ms_p80": ms[2], "peak_mb": peak / 2**20}
+    before = _rss_bytes()
+    fn()  # also the warm-up
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    for _ in range(warmup - 1):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    q = statistics.quantiles(times, n=5) if len(times) > 1 else times * 4
+    return {"ms": statistics.median(times), "ms_p20": q[0], "ms_p80": q[-1],
+            "peak_mb": max(peak, 0) / 2**20}
+
+
+def run_isolated(module: str, args: list[str], timeout: float = 900) -> dict:
+    """Run ``python -m module args`` in a fresh process; it prints one JSON object last."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=root)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1][:300]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def append_jsonl(path: str, rows: list[dict]) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "a") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+    def fmt(x):
+        if isinstance(x, float):
+            return f"{x:,.1f}" if abs(x) >= 100 else f"{x:.3g}"
+        return "" if x is None else str(x)
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(fmt(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
