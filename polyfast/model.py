@@ -67,7 +67,11 @@ def load_model(cfg: ModelConfig, tokenizer, *, packed: bool = True, seed: int = 
         raise ConfigError("model.tokenizer", f"the tokenizer has {len(tokenizer)} tokens, the model "
                           f"only {model.get_input_embeddings().weight.shape[0]} embeddings")
     if cfg.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # the newer transformers name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     return model
 
 

@@ -1,4 +1,5 @@
 import os
+import re
 
 import pytest
 import yaml
@@ -62,3 +63,14 @@ def test_sft_command_runs(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "macro" in out and os.path.exists(run / "final" / "model.safetensors")
     assert os.path.exists(run / "metrics.jsonl") and os.path.exists(run / "config.yaml")
+
+
+def test_demo_command_trains_every_bucket_down(tmp_path, capsys):
+    # a short demo (a quarter epoch): the full one is the README's command
+    assert main(["demo", "--out", str(tmp_path), "train.epochs=0.25", "train.progress=false"]) == 0
+    out = capsys.readouterr().out
+    rows = [re.match(r"^\| (\S+) +\| +([\d.]+) \| +([\d.]+) \|", line) for line in out.splitlines()]
+    table = {m[1]: (float(m[2]), float(m[3])) for m in rows if m}
+    assert len(table) >= 17  # 20 demo buckets + macro
+    assert all(after < before for before, after in table.values()), table
+    assert os.path.exists(tmp_path / "sft" / "final" / "config.json")

@@ -145,3 +145,14 @@ def test_fit_exports_a_model_transformers_loads(tmp_path):
     assert set(after) == {e.bucket for e in tr.data.val}
     rose = {b: (before[b], after[b]) for b in after if after[b] >= before[b]}
     assert not rose, f"eval loss rose in {rose}"
+
+
+def test_activation_checkpointing_gives_the_same_gradients(tmp_path):
+    plain = _trainer(tmp_path / "p")
+    ckpt = _trainer(tmp_path / "c", **{"model.activation_checkpointing": True})
+    ga, gb = [], []
+    for tr, out in ((plain, ga), (ckpt, gb)):
+        tr.model.zero_grad(set_to_none=True)
+        tr.forward_backward([tr.data.train[:3]])
+        out.append(_grads(tr))
+    assert (ga[0] - gb[0]).abs().max() <= 1e-6 * ga[0].abs().max()
