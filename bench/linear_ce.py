@@ -3,7 +3,8 @@
     python -m bench.linear_ce                 # CPU: reduced grid, torch backends
     python -m bench.linear_ce --grid gpu      # CUDA: N in {4096, 16384} x (H, V) of real models
 
-Every (shape, backend) runs in its own process so peak memory is its own. Rows are appended to
+On a CPU every (shape, backend) runs in its own process so peak memory is its own; on CUDA the
+allocator's peak is reset before each measurement. Rows are appended to
 bench/results/linear_ce.jsonl with the machine, versions and date; a markdown table is printed,
 with time and memory relative to the full-logits reference; the last line is the JSON summary.
 """
@@ -56,6 +57,15 @@ def _loss_fn(backend: str):
     raise ValueError(backend)
 
 
+def gemm_tflops(device: str, dtype: str) -> float:
+    """The matmul rate of this device and dtype (TFLOP/s), from a large square product."""
+    n = 8192 if device == "cuda" else 1024
+    a = torch.randn(n, n, device=device).to(DTYPES[dtype])
+    b = torch.randn(n, n, device=device).to(DTYPES[dtype])
+    r = measure(lambda: a @ b, device, repeats=5)
+    return 2 * n ** 3 / (r["ms"] * 1e-3) / 1e12
+
+
 def one(backend: str, N: int, H: int, V: int, dtype: str, device: str, repeats: int) -> dict:
     """Measure one (backend, shape) in this process."""
     torch.manual_seed(0)
@@ -93,28 +103,43 @@ def main(argv=None) -> int:
     grid = GRIDS[args.grid or ("gpu" if device == "cuda" else "cpu")]
     backends = args.backends or (GPU_BACKENDS if device == "cuda" else CPU_BACKENDS)
     info = machine()
+    rate = gemm_tflops(device, dtype)
     rows, table = [], []
     for N, H, V in grid:
         ref = None
         for b in backends:
-            r = run_isolated("bench.linear_ce", ["--one", b, str(N), str(H), str(V), "--dtype", dtype,
-                                                  "--repeats", str(args.repeats)])
+            if device == "cuda":  # the allocator's peak is reset per measurement: no new process
+                torch.cuda.empty_cache()
+                try:
+                    r = one(b, N, H, V, dtype, device, args.repeats)
+                except torch.OutOfMemoryError:
+                    r = {"error": "out of memory"}
+                    torch.cuda.empty_cache()
+            else:  # a CPU peak (max RSS) only rises: each measurement in its own process
+                r = run_isolated("bench.linear_ce", ["--one", b, str(N), str(H), str(V), "--dtype",
+                                                      dtype, "--repeats", str(args.repeats)])
             row = {"bench": "linear_ce", "backend": b, "N": N, "H": H, "V": V, "dtype": dtype, **info, **r}
             rows.append(row)
             if "ms" in r and b == "reference":
                 ref = r
+            # the GEMM floor: 6 N H V flops (the forward and two backward products) at the rate
+            # a large matmul of this dtype reaches on this device, measured in this run
+            floor_ms = 6 * N * H * V / (rate * 1e12) * 1e3
+            row["gemm_floor_ms"], row["gemm_tflops"] = floor_ms, rate
             if "ms" in r:
-                # the GEMM floor: 6 N H V flops (forward, and the two backward products)
                 table.append([f"{N}x{H}x{V}", b, r["ms"], r["peak_mb"],
                               ref["ms"] / r["ms"] if ref else None,
-                              r["peak_mb"] / ref["peak_mb"] if ref and ref["peak_mb"] else None])
+                              r["peak_mb"] / ref["peak_mb"] if ref and ref["peak_mb"] else None,
+                              r["ms"] / floor_ms, ""])
             else:
-                table.append([f"{N}x{H}x{V}", b, None, None, None, r.get("skipped") or r.get("error")])
+                table.append([f"{N}x{H}x{V}", b, None, None, None, None, None,
+                              r.get("skipped") or r.get("error")])
             print(f"  {b:16s} N={N} H={H} V={V}: {r}", file=sys.stderr)
     append_jsonl(args.out, rows)
-    print(f"\nlinear_ce fwd+bwd, {dtype}, {info['device']}, torch {info['torch']}, {info['date']}\n")
-    print(markdown_table(["N x H x V", "backend", "ms (median)", "peak MB",
-                          "speed vs reference", "memory / reference"], table))
+    print(f"\nlinear_ce fwd+bwd, {dtype}, {info['device']}, torch {info['torch']}, {info['date']}; "
+          f"matmul rate {rate:.1f} TFLOP/s\n")
+    print(markdown_table(["N x H x V", "backend", "ms (median)", "peak MB", "speed vs reference",
+                          "memory / reference", "x GEMM floor", "note"], table))
     print(json.dumps({"bench": "linear_ce", "machine": info, "rows": len(rows)}))
     return 0
 

@@ -1,6 +1,6 @@
 """polyfast's loss kernels. Each op: Triton kernels, launcher, autograd.Function, a chunked PyTorch
 twin and a full-logits reference, with the backend chosen per call."""
 
-from .linear_ce import linear_ce_reference, linear_ce_torch, linear_cross_entropy
+from .linear_ce import linear_ce_reference, linear_ce_torch, linear_ce_triton, linear_cross_entropy
 
-__all__ = ["linear_cross_entropy", "linear_ce_reference", "linear_ce_torch"]
+__all__ = ["linear_cross_entropy", "linear_ce_reference", "linear_ce_torch", "linear_ce_triton"]

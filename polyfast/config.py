@@ -70,7 +70,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float | None = 1.0
-    loss_backend: Literal["auto", "torch", "reference"] = "auto"
+    loss_backend: Literal["auto", "triton", "torch", "reference"] = "auto"
     device: str = "auto"                 # auto | cpu | cuda | cuda:N
     num_threads: int | None = None       # torch CPU threads
     log_every: int = 1

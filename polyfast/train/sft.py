@@ -147,7 +147,7 @@ class SFTTrainer:
         with self.autocast:
             hidden = hidden_states(self.model, batch)  # (B*T, H)
         weight = head_weight(self.model)
-        return bucket_sft_loss(hidden.to(weight.dtype), weight, batch.labels, batch.token_weights,
+        return bucket_sft_loss(hidden, weight, batch.labels, batch.token_weights,
                                normalizer, softcap=self.softcap,
                                backend=self.cfg.train.loss_backend)
 

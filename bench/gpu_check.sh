@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# One prepared check for a GPU machine with PyTorch and Triton but no network (see bench/README.md):
+# the CUDA tests, then the kernel benchmark grid; under 8 minutes on an H100. The table comes last.
+# Optional wheels (liger-kernel, cut-cross-entropy) are installed from .whl/ when present.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/polyfast-gpu-check}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+python3 -m pip install -q --no-deps --no-build-isolation -e . || { echo "install failed"; exit 1; }
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
+
+echo "== CUDA tests"
+timeout 240 python3 -m pytest -q -rs -p no:cacheprovider tests/test_linear_ce_cuda.py \
+  tests/test_linear_ce_triton.py tests/test_linear_ce.py 2>&1 | tee "$OUT/tests.log" | tail -25
+
+echo "== benchmark grid"
+timeout 270 python3 -m bench.linear_ce --grid gpu --out "$OUT/linear_ce.jsonl" \
+  > "$OUT/bench.md" 2> "$OUT/bench.err" || { echo "bench failed:"; tail -20 "$OUT/bench.err"; }
+cat "$OUT/bench.md"
