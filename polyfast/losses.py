@@ -1,4 +1,4 @@
-"""Objectives on top of the kernels: Bucket-Aware SFT (METHOD.md section 2).
+"""Objectives on top of the kernels: Bucket-Aware SFT (METHOD.md section 2) and HDPO (section 5).
 
 Bucket-Aware SFT, normalised over the whole optimizer step:
 
@@ -11,6 +11,7 @@ written with token weights omega_{i,t} = w_b(i) / T_i, so a micro-batch contribu
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from polyfast.kernels import linear_cross_entropy
 
@@ -40,3 +41,39 @@ def bucket_sft_loss(hidden, weight, labels, token_weights, normalizer, *, softca
     per_token = linear_cross_entropy(hidden, weight, targets, w, softcap=softcap,
                                      reduction="none", backend=backend)  # (B*T,)
     return per_token.sum() / normalizer, per_token
+
+
+def hdpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_dist, rejected_dist,
+              pair_weight, chosen_tokens, *, beta=0.1, reg_lambda=0.1, ftx=0.05, label_smoothing=0.0,
+              weight_sum=None, num_pairs=None):
+    """HDPO (METHOD.md section 5) over a batch of P pairs; every argument but the options is (P,).
+
+        h      = (pc - pr) - (rc - rr)
+        l_dpo  = -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)
+        p      = sigmoid(beta (pc - pr))               (policy only)
+        reg    = p * dc + (1 - p) * dr
+        anchor = -(pc / Tc)
+        L = sum w l_dpo / sum w + lambda * mean reg + ftx * mean anchor
+
+    ``weight_sum`` and ``num_pairs`` are the step's totals when a step spans several micro-batches
+    (default: this batch's), so that the summed micro-batch losses equal the step's loss.
+    Returns (loss, metrics of detached tensors: rewards, accuracy, margin, dist_reg, anchor, dpo).
+    """
+    pc, pr = policy_chosen.float(), policy_rejected.float()
+    rc, rr = ref_chosen.float(), ref_rejected.float()
+    w = pair_weight.float()
+    h = (pc - pr) - (rc - rr)
+    eps = label_smoothing
+    l_dpo = -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
+    p = torch.sigmoid(beta * (pc - pr))
+    reg = p * chosen_dist.float() + (1 - p) * rejected_dist.float()
+    anchor = -pc / chosen_tokens.float().clamp(min=1)
+    wsum = w.sum() if weight_sum is None else weight_sum
+    n = pc.numel() if num_pairs is None else num_pairs
+    loss = (w * l_dpo).sum() / wsum + reg_lambda * reg.sum() / n + ftx * anchor.sum() / n
+    with torch.no_grad():
+        r_c, r_r = beta * (pc - rc), beta * (pr - rr)
+        metrics = {"rewards_chosen": r_c, "rewards_rejected": r_r,
+                   "accuracy": (r_c > r_r).float(), "margin": r_c - r_r, "dist_reg": reg,
+                   "anchor": anchor, "dpo": l_dpo}
+    return loss, metrics

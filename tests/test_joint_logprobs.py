@@ -1,0 +1,67 @@
+"""joint_logprobs against a float64 full log-softmax per model, then a per-segment sum."""
+
+import pytest
+import torch
+
+from polyfast.kernels import joint_logprobs
+from tests.utils import assert_close
+
+
+def _oracle(hiddens, weights, targets, segs, S, softcaps):
+    out = []
+    for h, w, cap in zip(hiddens, weights, softcaps):
+        z = h.double() @ w.double().T
+        if cap is not None:
+            z = cap * torch.tanh(z / cap)
+        lp = torch.log_softmax(z, -1).gather(1, targets.clamp(min=0)[:, None])[:, 0]
+        out.append(torch.stack([lp[segs == k].sum() for k in range(S)]))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("M", [1, 2, 3])
+def test_sums_and_gradients_match_the_oracle(M):
+    g = torch.Generator().manual_seed(M)
+    N, V, S = 61, 83, 7
+    sizes = [24, 16, 40][:M]  # a smaller critic, a wider reference
+    softcaps = [None, 4.0, None][:M]
+    hiddens = [torch.randn(N, H, generator=g, dtype=torch.float64) for H in sizes]
+    weights = [torch.randn(V, H, generator=g, dtype=torch.float64) / H ** 0.5 for H in sizes]
+    targets = torch.randint(0, V, (N,), generator=g)
+    segs = torch.randint(-1, S, (N,), generator=g)
+    segs[5] = 6
+    segs[segs == 6] = -1
+    segs[5] = 6  # a single-token segment
+    for backend in ("torch", "reference"):
+        hs = [h.float().clone().requires_grad_(m == 0) for m, h in enumerate(hiddens)]
+        ws = [w.float().clone().requires_grad_(m == 0) for m, w in enumerate(weights)]
+        sums, counts = joint_logprobs(hs, ws, targets, segs, S, softcaps=softcaps, backend=backend)
+        ref_h = [h.clone().requires_grad_(m == 0) for m, h in enumerate(hiddens)]
+        ref_w = [w.clone().requires_grad_(m == 0) for m, w in enumerate(weights)]
+        ref = _oracle(ref_h, ref_w, targets, segs, S, softcaps)
+        assert_close(sums, ref, 1e-5, f"sums ({backend}, M={M})")
+        assert counts.tolist() == [(segs == k).sum().item() for k in range(S)]
+        coef = torch.randn(M, S, generator=g, dtype=torch.float64)
+        (sums.double() * coef).sum().backward()
+        (ref * coef).sum().backward()
+        assert_close(hs[0].grad, ref_h[0].grad, 1e-5, f"d_hidden ({backend})")
+        assert_close(ws[0].grad, ref_w[0].grad, 1e-5, f"d_weight ({backend})")
+        assert all(h.grad is None for h in hs[1:]) and all(w.grad is None for w in ws[1:])
+
+
+def test_token_logprobs_and_unscored_tokens():
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(10, 8, generator=g), torch.randn(20, 8, generator=g)
+    targets = torch.randint(0, 20, (10,), generator=g)
+    segs = torch.tensor([-1, -1, 0, 0, 0, -1, 1, 1, -1, -1])
+    sums, counts, tok = joint_logprobs([h], [w], targets, segs, 2, return_token_logprobs=True)
+    assert tok.shape == (1, 10) and (tok[0, segs < 0] == 0).all() and (tok[0, segs >= 0] < 0).all()
+    assert_close(sums[0], torch.stack([tok[0, 2:5].sum(), tok[0, 6:8].sum()]), 1e-6, "sums")
+    assert counts.tolist() == [3, 2]
+
+
+def test_shape_errors():
+    h, w = torch.randn(4, 8), torch.randn(5, 8)
+    with pytest.raises(ValueError, match="one weight per hidden"):
+        joint_logprobs([h, h], [w], torch.zeros(4, dtype=torch.long), torch.zeros(4, dtype=torch.long), 1)
+    with pytest.raises(ValueError, match="segment_ids"):
+        joint_logprobs([h], [w], torch.zeros(4, dtype=torch.long), torch.zeros(3, dtype=torch.long), 1)
