@@ -59,15 +59,16 @@ def hdpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_d
     (default: this batch's), so that the summed micro-batch losses equal the step's loss.
     Returns (loss, metrics of detached tensors: rewards, accuracy, margin, dist_reg, anchor, dpo).
     """
-    pc, pr = policy_chosen.float(), policy_rejected.float()
-    rc, rr = ref_chosen.float(), ref_rejected.float()
-    w = pair_weight.float()
+    dt = torch.float64 if policy_chosen.dtype == torch.float64 else torch.float32
+    pc, pr = policy_chosen.to(dt), policy_rejected.to(dt)
+    rc, rr = ref_chosen.to(dt), ref_rejected.to(dt)
+    w = pair_weight.to(dt)
     h = (pc - pr) - (rc - rr)
     eps = label_smoothing
     l_dpo = -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
     p = torch.sigmoid(beta * (pc - pr))
-    reg = p * chosen_dist.float() + (1 - p) * rejected_dist.float()
-    anchor = -pc / chosen_tokens.float().clamp(min=1)
+    reg = p * chosen_dist.to(dt) + (1 - p) * rejected_dist.to(dt)
+    anchor = -pc / chosen_tokens.to(dt).clamp(min=1)
     wsum = w.sum() if weight_sum is None else weight_sum
     n = pc.numel() if num_pairs is None else num_pairs
     loss = (w * l_dpo).sum() / wsum + reg_lambda * reg.sum() / n + ftx * anchor.sum() / n
