@@ -7,30 +7,23 @@ so the loss is METHOD.md section 2 exactly whatever the micro-batch size, with n
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import math
-import os
-import random
-import time
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from ..config import SFTConfig, save_config
+from ..config import SFTConfig
 from ..data import (Example, bucket_weights, collate, demo_records, encode_records,
                     load_tokenizer, pack_examples, packing_efficiency, read_records)
 from ..data.packing import example_mass
 from ..data.tokenize import fit_length
 from ..errors import ConfigError
 from ..losses import bucket_sft_loss
-from ..model import head_weight, hidden_states, load_model, logit_softcap, resolve_device
-from .checkpoint import export_pretrained, list_checkpoints, load_checkpoint, save_checkpoint
-from .metrics import MetricsLog, format_table
-from .optim import build_optimizer, cosine_with_warmup
+from ..model import head_weight, hidden_states, load_model, logit_softcap
+from .base import Trainer
+from .metrics import format_table
 
 log = logging.getLogger("polyfast")
 
@@ -95,47 +88,24 @@ def prepare_data(cfg: SFTConfig, tokenizer) -> PreparedData:
 # the trainer
 
 
-class SFTTrainer:
-    """Owns model, optimizer, schedule and data order; ``train_step`` is one optimizer step."""
+class SFTTrainer(Trainer):
+    """Bucket-Aware SFT: packs of examples, the step-normalised bucket-weighted loss."""
+
+    name = "sft"
 
     def __init__(self, cfg: SFTConfig, data: PreparedData | None = None, tokenizer=None):
-        self.cfg = cfg
-        t = cfg.train
-        if t.num_threads:
-            torch.set_num_threads(t.num_threads)
-        self.device = resolve_device(t.device)
-        self.tokenizer = tokenizer or load_tokenizer(cfg.model.tokenizer or cfg.model.path)
-        self.data = data or prepare_data(cfg, self.tokenizer)
+        self.device = self.setup_device(cfg.train)
+        tokenizer = tokenizer or load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+        self.data = data or prepare_data(cfg, tokenizer)
         self.packed = cfg.data.packing != "none"
-        self.model = load_model(cfg.model, self.tokenizer, packed=self.packed,
-                                seed=cfg.seed).to(self.device)
-        self.softcap = logit_softcap(self.model)
-        self._pack_cache: dict[int, list[list[Example]]] = {}
-        self.optimizer = build_optimizer(self.model, t.lr, t.weight_decay, t.betas)
-        if t.grad_accum < 1:
-            raise ConfigError("train.grad_accum", "must be >= 1")
-        self.steps_per_epoch = math.ceil(len(self._packs(0)) / t.grad_accum)
-        self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * self.steps_per_epoch))
-        self.scheduler = cosine_with_warmup(self.optimizer, self.total_steps,
-                                            int(t.warmup_ratio * self.total_steps), t.min_lr_ratio)
-        self.step = 0
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
-                         if self.device.type == "cuda" and cfg.model.dtype == "auto"
-                         else contextlib.nullcontext())
+        model = load_model(cfg.model, tokenizer, packed=self.packed, seed=cfg.seed).to(self.device)
+        self.softcap = logit_softcap(model)
+        super().__init__(cfg, tokenizer, model)
 
-    # -- data order: a pure function of (seed, epoch), so resuming needs only the step ----------
-    def _packs(self, epoch: int) -> list[list[Example]]:
-        if epoch not in self._pack_cache:
-            d = self.cfg.data
-            self._pack_cache = {epoch: pack_examples(self.data.train, d.max_tokens, d.packing,
-                                                     batch_size=d.batch_size,
-                                                     seed=self.cfg.seed * 1000 + epoch)}
-        return self._pack_cache[epoch]
-
-    def step_packs(self, step: int) -> list[list[Example]]:
-        epoch, k = divmod(step, self.steps_per_epoch)
-        ga = self.cfg.train.grad_accum
-        return self._packs(epoch)[k * ga:(k + 1) * ga]
+    def make_packs(self, seed: int) -> list[list[Example]]:
+        d = self.cfg.data
+        return pack_examples(self.data.train, d.max_tokens, d.packing, batch_size=d.batch_size,
+                             seed=seed)
 
     def batch(self, pack: list[Example], weighting: str | None = None):
         return collate(pack, self.data.bucket_names, weighting=weighting or self.cfg.data.weighting,
@@ -176,17 +146,10 @@ class SFTTrainer:
         return {"loss": loss_total, "bucket_sum": bucket_sum, "bucket_mass": bucket_mass,
                 "tokens": tokens}
 
-    def train_step(self, packs: list[list[Example]]) -> dict:
-        """One optimizer step: forward_backward, gradient clipping, update, schedule."""
-        out = self.forward_backward(packs)
-        clip = self.cfg.train.grad_clip
-        out["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
-                                                          clip if clip else float("inf"))
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        return out
+    def train_row(self, out: dict) -> dict:
+        names, mass, bsum = self.data.bucket_names, out["bucket_mass"], out["bucket_sum"].cpu()
+        return {"bucket_loss": {names[i]: float(bsum[i] / mass[i])
+                                for i in range(len(names)) if mass[i] > 0}}
 
     # -- evaluation ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -209,80 +172,17 @@ class SFTTrainer:
         return {"buckets": buckets, "macro": float(np.mean(list(buckets.values()))),
                 "mean": sum(sums) / len(examples), "examples": len(examples)}
 
-    # -- checkpoints --------------------------------------------------------------------------
-    def save(self) -> str:
-        return save_checkpoint(self.cfg.run_dir, self.step, self.model, self.optimizer,
-                               self.scheduler, {"total_steps": self.total_steps},
-                               keep=self.cfg.train.keep_checkpoints)
+    def start_row(self) -> dict:
+        return {"train_examples": len(self.data.train), "val_examples": len(self.data.val),
+                "packs_per_epoch": len(self._packs(0)), "packing_efficiency": self.efficiency(),
+                "bucket_weights": self.data.weights,
+                "counts": {k: dict(v) for k, v in self.data.counts.items()}}
 
-    def resume(self) -> bool:
-        ckpts = list_checkpoints(self.cfg.run_dir)
-        if not ckpts:
-            return False
-        state = load_checkpoint(ckpts[-1], self.model, self.optimizer, self.scheduler)
-        if state.get("total_steps") != self.total_steps:
-            raise ConfigError("train", f"checkpoint {ckpts[-1]} was made for "
-                              f"{state.get('total_steps')} steps, this config makes {self.total_steps}")
-        self.step = state["step"]
-        return True
+    def efficiency(self) -> float:
+        return packing_efficiency(self._packs(0), self.cfg.data.max_tokens, self.cfg.data.packing)
 
-    # -- the run ------------------------------------------------------------------------------
-    def fit(self) -> dict:
-        cfg, t = self.cfg, self.cfg.train
-        os.makedirs(cfg.run_dir, exist_ok=True)
-        save_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
-        resumed = t.resume and self.resume()
-        if not resumed:
-            random.seed(cfg.seed)
-            np.random.seed(cfg.seed)
-            torch.manual_seed(cfg.seed)
-        metrics = MetricsLog(cfg.run_dir, resume=resumed)
-        names = self.data.bucket_names
-        packs0 = self._packs(0)
-        eff = packing_efficiency(packs0, cfg.data.max_tokens, cfg.data.packing)
-        if not resumed:
-            metrics.write({"event": "data", "train_examples": len(self.data.train),
-                           "val_examples": len(self.data.val), "packs_per_epoch": len(packs0),
-                           "packing_efficiency": eff, "bucket_weights": self.data.weights,
-                           "counts": {k: dict(v) for k, v in self.data.counts.items()}})
-        eval_before = self.evaluate() if not resumed else {}
-        if eval_before:
-            metrics.write({"event": "eval", "step": self.step, **eval_before})
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="sft", unit="step",
-                   disable=not t.progress, dynamic_ncols=True)
-        tokens = 0
-        t0 = time.perf_counter()
-        last = {}
-        while self.step < self.total_steps:
-            out = self.train_step(self.step_packs(self.step))
-            tokens += out["tokens"]
-            if self.step % t.log_every == 0 or self.step == self.total_steps:
-                elapsed = time.perf_counter() - t0
-                mass = out["bucket_mass"]
-                bsum = out["bucket_sum"].cpu()
-                last = {"event": "train", "step": self.step, "loss": out["loss"].item(),
-                        "grad_norm": float(out["grad_norm"]),
-                        "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": tokens / elapsed,
-                        "bucket_loss": {names[i]: float(bsum[i] / mass[i])
-                                        for i in range(len(names)) if mass[i] > 0}}
-                metrics.write(last)
-                bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:,.0f}")
-            if t.eval_every and self.step % t.eval_every == 0 and self.step < self.total_steps:
-                metrics.write({"event": "eval", "step": self.step, **self.evaluate()})
-            if t.save_every and self.step % t.save_every == 0 and self.step < self.total_steps:
-                self.save()
-            bar.update(1)
-        bar.close()
-        train_time = time.perf_counter() - t0
-        eval_after = self.evaluate()
-        if eval_after:
-            metrics.write({"event": "eval", "step": self.step, **eval_after})
-        export = export_pretrained(self.model, self.tokenizer, os.path.join(cfg.run_dir, "final"))
-        summary = {"event": "summary", "steps": self.step, "train_seconds": train_time,
-                   "tokens": tokens, "tokens_per_s": tokens / max(train_time, 1e-9),
-                   "packing_efficiency": eff, "final_loss": last.get("loss"), "export": export}
-        metrics.write(summary)
-        return {"summary": summary, "eval_before": eval_before, "eval_after": eval_after}
+    def summary_extra(self) -> dict:
+        return {"packing_efficiency": self.efficiency()}
 
 
 def eval_table(before: dict, after: dict) -> str:
