@@ -232,3 +232,44 @@ def to_dict(cfg) -> dict:
 def save_config(cfg, path: str) -> None:
     with open(path, "w", encoding="utf-8") as f:
         yaml.safe_dump(to_dict(cfg), f, sort_keys=False, allow_unicode=True)
+
+
+@dataclass
+class PairDataConfig:
+    pairs: str = ""                      # a pairs file: polyfast JSONL or the authors' HDPO export
+    val_pairs: str | None = None         # held-out pairs for reward accuracy / margin
+    skip_bad_rows: bool = False
+    legacy_tokens: bool = False
+    system_prompt: Literal["profile", "record", "none"] = "profile"
+    max_tokens: int = 2048               # pack capacity; a pair's two sides share a pack
+    overlong: Literal["truncate_left", "drop"] = "truncate_left"
+
+
+@dataclass
+class HDPOLossConfig:
+    beta: float = 0.1
+    reg_lambda: float = 0.1
+    ftx: float = 0.05
+    label_smoothing: float = 0.0
+    # where the critic distances come from: the pair file (offline), the text-feature band
+    # distance, an LM critic's NLL band (online), or none (plain DPO + anchor)
+    distance: Literal["pairs", "feature", "lm", "none"] = "pairs"
+    references: str | None = None        # feature references JSON (default: from the train pairs)
+    critic_model: str | None = None      # the LM critic (default: model.path, the SFT checkpoint)
+    min_bucket_size: int = 20
+    reference: Literal["live", "precomputed"] = "live"   # frozen reference in memory, or cached
+    loss_backend: Literal["auto", "torch", "reference"] = "auto"
+
+
+def _hdpo_train_defaults() -> TrainConfig:
+    return TrainConfig(lr=5e-7, warmup_ratio=0.1, min_lr_ratio=0.0, epochs=1.0)
+
+
+@dataclass
+class HDPOConfig:
+    run_dir: str = "runs/hdpo"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)   # path: the Bucket-SFT checkpoint
+    data: PairDataConfig = field(default_factory=PairDataConfig)
+    hdpo: HDPOLossConfig = field(default_factory=HDPOLossConfig)
+    train: TrainConfig = field(default_factory=_hdpo_train_defaults)

@@ -75,6 +75,6 @@ def hdpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_d
     with torch.no_grad():
         r_c, r_r = beta * (pc - rc), beta * (pr - rr)
         metrics = {"rewards_chosen": r_c, "rewards_rejected": r_r,
-                   "accuracy": (r_c > r_r).float(), "margin": r_c - r_r, "dist_reg": reg,
-                   "anchor": anchor, "dpo": l_dpo}
+                   "accuracy": (r_c > r_r).float(), "margin": r_c - r_r, "dist_reg": reg.detach(),
+                   "anchor": anchor.detach(), "dpo": l_dpo.detach()}
     return loss, metrics

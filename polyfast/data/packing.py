@@ -182,3 +182,62 @@ def packing_efficiency(packs: Sequence[Sequence[Example]], max_tokens: int, pack
     else:
         slots = len(packs) * max_tokens
     return real / max(slots, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# preference pairs: a pair's chosen and rejected sides always share a pack
+
+
+@dataclass(frozen=True)
+class PairExample:
+    chosen: Example
+    rejected: Example
+    index: int                 # position in the trainer's pair list
+
+    @property
+    def bucket(self) -> str:
+        return self.chosen.bucket
+
+    def __len__(self) -> int:
+        return len(self.chosen) + len(self.rejected)
+
+
+def pack_pairs(pairs: Sequence[PairExample], max_tokens: int, seed: int | None = None,
+               packing: str = "bucket") -> list[list[PairExample]]:
+    """First-fit-decreasing of whole pairs, per bucket ("bucket") or across buckets ("mixed")."""
+    groups: dict[str, list[PairExample]] = {}
+    for p in pairs:
+        groups.setdefault(p.bucket if packing == "bucket" else "", []).append(p)
+    packs = []
+    for key in sorted(groups):
+        order = sorted(groups[key], key=lambda p: (-len(p), p.index))
+        bins: list[list[PairExample]] = []
+        free: list[int] = []
+        for p in order:
+            if len(p) > max_tokens:
+                raise ValueError(f"pair {p.chosen.record_id} has {len(p)} tokens > {max_tokens}")
+            for i, room in enumerate(free):
+                if len(p) <= room:
+                    bins[i].append(p)
+                    free[i] -= len(p)
+                    break
+            else:
+                bins.append([p])
+                free.append(max_tokens - len(p))
+        packs += bins
+    if seed is not None:
+        random.Random(seed).shuffle(packs)
+    return packs
+
+
+def collate_pairs(pack: Sequence[PairExample], bucket_names: Sequence[str]) -> tuple[Batch, torch.Tensor]:
+    """A packed batch of [chosen_0, rejected_0, chosen_1, ...] and its segment ids (T,) aligned with
+    the labels: 2k on pair k's chosen response tokens, 2k + 1 on its rejected ones, -1 elsewhere."""
+    examples = [e for p in pack for e in (p.chosen, p.rejected)]
+    batch = collate(examples, bucket_names, weighting="example")
+    seg = torch.full((batch.num_tokens,), -1, dtype=torch.long)
+    start = 0
+    for k, ex in enumerate(examples):
+        seg[start + ex.n_prompt: start + len(ex)] = k
+        start += len(ex)
+    return batch, seg

@@ -1,0 +1,289 @@
+"""HDPO: DPO against the frozen starting checkpoint, regularised by a critic's distance to the
+bucket's human support (METHOD.md section 5).
+
+A pack holds whole pairs (chosen and rejected side by side, packed per bucket). One
+``joint_logprobs`` call per pack gives the per-segment log-prob sums of the policy, the frozen
+reference (unless precomputed) and the LM critic (with ``distance: lm``); only the policy gets a
+backward graph. The step's loss is ``hdpo_loss`` with the step's total pair weight and pair count,
+so micro-batching does not change it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections import Counter
+
+import numpy as np
+import torch
+
+from ..config import HDPOConfig
+from ..critic import References, band_distance, feature_matrix, FEATURE_NAMES
+from ..data import load_pairs, load_tokenizer
+from ..data.packing import PairExample, collate_pairs, pack_pairs
+from ..data.pairs import PreferencePair
+from ..data.tokenize import encode_record, fit_length
+from ..errors import ConfigError
+from ..kernels import joint_logprobs
+from ..losses import hdpo_loss, shift_left
+from ..model import head_weight, hidden_states, load_model, logit_softcap
+from .base import Trainer
+
+log = logging.getLogger("polyfast")
+METRICS = ("rewards_chosen", "rewards_rejected", "accuracy", "margin", "dist_reg", "anchor")
+
+
+def encode_pairs(tokenizer, pairs: list[PreferencePair], system: str, max_tokens: int,
+                 overlong: str) -> tuple[list[PairExample], Counter]:
+    """Tokenise both sides of every pair; each side must fit half a pack."""
+    import dataclasses
+    out, counts = [], Counter()
+    for i, p in enumerate(pairs):
+        c = encode_record(tokenizer, p.record, system=system, weight=p.weight)
+        r = encode_record(tokenizer, dataclasses.replace(p.record, response=p.rejected),
+                          system=system, weight=p.weight)
+        c, r = fit_length(c, max_tokens // 2, overlong), fit_length(r, max_tokens // 2, overlong)
+        if c is None or r is None:
+            counts["dropped_overlong"] += 1
+            continue
+        counts["truncated_prompt"] += bool(c.truncated or r.truncated)
+        out.append(PairExample(c, r, i))
+    counts["kept"] = len(out)
+    return out, counts
+
+
+def _frozen(model_cfg, path: str, tokenizer, device):
+    """A frozen copy of a checkpoint (the reference, or the LM critic): eval mode, no grad."""
+    import dataclasses
+    cfg = dataclasses.replace(model_cfg, path=path, activation_checkpointing=False)
+    model = load_model(cfg, tokenizer).to(device)
+    return model.eval().requires_grad_(False)
+
+
+class HDPOTrainer(Trainer):
+    name = "hdpo"
+
+    def __init__(self, cfg: HDPOConfig, pairs: list[PreferencePair] | None = None,
+                 val_pairs: list[PreferencePair] | None = None):
+        if not cfg.model.path:
+            raise ConfigError("model.path", "HDPO starts from a checkpoint (the Bucket-SFT export)")
+        self.device = self.setup_device(cfg.train)
+        d, h = cfg.data, cfg.hdpo
+        tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+        if pairs is None:
+            if not d.pairs:
+                raise ConfigError("data.pairs", "a pairs file is needed")
+            pairs = load_pairs(d.pairs, skip_bad_rows=d.skip_bad_rows, legacy_tokens=d.legacy_tokens)
+        if val_pairs is None and d.val_pairs:
+            val_pairs = load_pairs(d.val_pairs, skip_bad_rows=d.skip_bad_rows,
+                                   legacy_tokens=d.legacy_tokens)
+        self.pairs, self.val_pairs = pairs, val_pairs or []
+        self.examples, self.counts = encode_pairs(tokenizer, self.pairs, d.system_prompt,
+                                                  d.max_tokens, d.overlong)
+        self.val_examples, _ = encode_pairs(tokenizer, self.val_pairs, d.system_prompt,
+                                            d.max_tokens, d.overlong)
+        if not self.examples:
+            raise ConfigError("data.max_tokens", "no pair fits its pack")
+        self.bucket_names = sorted({p.bucket_id for p in self.pairs + self.val_pairs})
+        model = load_model(cfg.model, tokenizer, seed=cfg.seed).to(self.device)
+        self.softcap = logit_softcap(model)
+        self.reference = _frozen(cfg.model, cfg.model.path, tokenizer, self.device)
+        self.critic = None
+        if h.distance == "lm":
+            self.critic = _frozen(cfg.model, h.critic_model or cfg.model.path, tokenizer,
+                                  self.device)
+        super().__init__(cfg, tokenizer, model)
+        self.dist = {"train": self._distances(self.pairs, "train"),
+                     "val": self._distances(self.val_pairs, "val")}
+        self.ref_cache = None
+        if h.reference == "precomputed":
+            self.ref_cache = {"train": self._reference_logps(self.examples),
+                              "val": self._reference_logps(self.val_examples)}
+            self.reference = None  # no longer held in memory
+
+    # -- critic distances ---------------------------------------------------------------------
+    def _distances(self, pairs: list[PreferencePair], split: str):
+        """Per pair (dc, dr) tensors, or for the LM critic the band (q10, q90, scale) per pair."""
+        h = self.cfg.hdpo
+        n = len(pairs)
+        if h.distance == "none" or n == 0:
+            return torch.zeros(n), torch.zeros(n)
+        if h.distance == "pairs":
+            missing = [p.id for p in pairs if p.chosen_dist is None or p.rejected_dist is None]
+            if missing:
+                raise ConfigError("hdpo.distance", f"'pairs' needs chosen_dist and rejected_dist in "
+                                  f"the pair file; {len(missing)} {split} pairs lack them (first: "
+                                  f"{missing[0]})")
+            return (torch.tensor([p.chosen_dist for p in pairs]),
+                    torch.tensor([p.rejected_dist for p in pairs]))
+        if h.distance == "feature":
+            refs = self._feature_refs()
+            buckets = [p.bucket_id for p in pairs]
+            return (torch.tensor(refs.distance(feature_matrix(p.chosen for p in pairs), buckets)),
+                    torch.tensor(refs.distance(feature_matrix(p.rejected for p in pairs), buckets)))
+        # lm: the critic's mean NLL band over the human (chosen) side of the TRAIN pairs
+        if not hasattr(self, "_lm_refs"):
+            from ..critic import response_logprobs
+            human = [self.pairs[e.index].record for e in self.examples]  # the pairs that fit
+            lps = response_logprobs(self.critic, self.tokenizer, human,
+                                    system=self.cfg.data.system_prompt,
+                                    max_tokens=self.cfg.data.max_tokens // 2)
+            nll = np.array([[-x.mean()] for x in lps])
+            self._lm_refs = References.build(human, nll, ["lm_nll"], h.min_bucket_size)
+        bands = [self._lm_refs.lookup(p.bucket_id)[1] for p in pairs]
+        q10 = torch.tensor([b["q10"][0] for b in bands])
+        q90 = torch.tensor([b["q90"][0] for b in bands])
+        scale = torch.tensor([max(b["q90"][0] - b["q10"][0], b["std"][0], 1e-6) for b in bands])
+        return q10, q90, scale
+
+    def _feature_refs(self) -> References:
+        if not hasattr(self, "_frefs"):
+            h = self.cfg.hdpo
+            if h.references:
+                self._frefs = References.load(h.references)
+            else:  # the human side of the TRAIN pairs
+                recs = [p.record for p in self.pairs]
+                self._frefs = References.build(recs, feature_matrix(r.response for r in recs),
+                                               FEATURE_NAMES, h.min_bucket_size)
+        return self._frefs
+
+    # -- reference log-probs, cached on disk ---------------------------------------------------
+    def _reference_logps(self, examples: list[PairExample]) -> torch.Tensor:
+        """(n_pairs, 2) reference log-prob sums, computed once and cached under run_dir, keyed by
+        the pairs' tokens and the reference checkpoint."""
+        if not examples:
+            return torch.zeros(0, 2)
+        digest = hashlib.sha256()
+        for e in examples:
+            digest.update(repr((e.chosen.input_ids, e.chosen.n_prompt, e.rejected.input_ids,
+                                e.rejected.n_prompt)).encode())
+        for name in sorted(os.listdir(self.cfg.model.path)):
+            if name.endswith(".safetensors"):
+                st = os.stat(os.path.join(self.cfg.model.path, name))
+                digest.update(f"{name}:{st.st_size}:{st.st_mtime_ns}".encode())
+        path = os.path.join(self.cfg.run_dir, f"ref_logps_{digest.hexdigest()[:16]}.pt")
+        if os.path.exists(path):
+            return torch.load(path)
+        out = torch.zeros(len(examples), 2)
+        position = {p.index: k for k, p in enumerate(examples)}
+        with torch.no_grad():
+            for pack in pack_pairs(examples, self.cfg.data.max_tokens):
+                sums, _ = self._logps(pack, [self.reference], [False])
+                for k, p in enumerate(pack):
+                    out[position[p.index]] = sums[0, 2 * k: 2 * k + 2].float().cpu()
+        os.makedirs(self.cfg.run_dir, exist_ok=True)
+        torch.save(out, path)
+        return out
+
+    # -- packs and the step ---------------------------------------------------------------------
+    def make_packs(self, seed: int):
+        return pack_pairs(self.examples, self.cfg.data.max_tokens, seed=seed)
+
+    def _logps(self, pack, models, grads):
+        batch, seg = collate_pairs(pack, self.bucket_names)
+        batch, seg = batch.to(self.device), seg.to(self.device)
+        targets = shift_left(batch.labels, -100)[0]
+        seg = shift_left(seg[None], -1)[0]
+        hiddens = []
+        for m, g in zip(models, grads):
+            with self.autocast, torch.set_grad_enabled(g):
+                hiddens.append(hidden_states(m, batch))
+        sums, counts = joint_logprobs(hiddens, [head_weight(m) for m in models], targets, seg,
+                                      2 * len(pack), softcaps=[logit_softcap(m) for m in models],
+                                      requires_grad=grads, backend=self.cfg.hdpo.loss_backend)
+        return sums, counts
+
+    def _pack_loss(self, pack, split: str, weight_sum, num_pairs, train: bool):
+        h = self.cfg.hdpo
+        models, grads = [self.model], [train]
+        if self.reference is not None:
+            models.append(self.reference)
+            grads.append(False)
+        if self.critic is not None:
+            models.append(self.critic)
+            grads.append(False)
+        sums, counts = self._logps(pack, models, grads)
+        idx = [p.index for p in pack]
+        pc, pr = sums[0, 0::2], sums[0, 1::2]
+        if self.reference is not None:
+            rc, rr = sums[1, 0::2], sums[1, 1::2]
+        else:
+            pos = self._positions[split]
+            cached = self.ref_cache[split][[pos[i] for i in idx]].to(self.device)
+            rc, rr = cached[:, 0], cached[:, 1]
+        dist = self.dist[split]
+        if h.distance == "lm":
+            nll = -sums[-1] / counts.clamp(min=1)  # (2P,) the critic's mean NLL per side
+            q10, q90, scale = (t[idx].to(self.device) for t in dist)
+            band = lambda x: (torch.relu(q10 - x) + torch.relu(x - q90)) / scale  # noqa: E731
+            dc, dr = band(nll[0::2]), band(nll[1::2])
+        else:
+            dc, dr = dist[0][idx].to(self.device), dist[1][idx].to(self.device)
+        pairs = self.pairs if split == "train" else self.val_pairs
+        w = torch.tensor([pairs[i].weight for i in idx], device=self.device)
+        return hdpo_loss(pc, pr, rc, rr, dc, dr, w, counts[0::2], beta=h.beta,
+                         reg_lambda=h.reg_lambda, ftx=h.ftx, label_smoothing=h.label_smoothing,
+                         weight_sum=weight_sum, num_pairs=num_pairs)
+
+    @property
+    def _positions(self):
+        if not hasattr(self, "_pos"):
+            self._pos = {"train": {p.index: k for k, p in enumerate(self.examples)},
+                         "val": {p.index: k for k, p in enumerate(self.val_examples)}}
+        return self._pos
+
+    def forward_backward(self, packs) -> dict:
+        self.model.train()
+        weight_sum = sum(self.pairs[p.index].weight for pack in packs for p in pack)
+        num_pairs = sum(len(pack) for pack in packs)
+        loss_total = torch.zeros((), device=self.device)
+        per_pair = {k: [] for k in METRICS}
+        buckets, tokens = [], 0
+        for pack in packs:
+            loss, m = self._pack_loss(pack, "train", weight_sum, num_pairs, train=True)
+            loss.backward()
+            loss_total += loss.detach()
+            for k in METRICS:
+                per_pair[k].append(m[k])
+            buckets += [p.bucket for p in pack]
+            tokens += sum(len(p) for p in pack)
+        return {"loss": loss_total, "tokens": tokens, "buckets": buckets,
+                **{k: torch.cat(v) for k, v in per_pair.items()}}
+
+    def train_row(self, out: dict) -> dict:
+        return _summarise(out, out["buckets"])
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Reward accuracy and margin per bucket on the held-out pairs (if any)."""
+        if not self.val_examples:
+            return {}
+        self.model.eval()
+        per_pair = {k: [] for k in METRICS}
+        buckets = []
+        for pack in pack_pairs(self.val_examples, self.cfg.data.max_tokens):
+            _, m = self._pack_loss(pack, "val", None, None, train=False)
+            for k in METRICS:
+                per_pair[k].append(m[k])
+            buckets += [p.bucket for p in pack]
+        return _summarise({k: torch.cat(v) for k, v in per_pair.items()}, buckets)
+
+    def start_row(self) -> dict:
+        return {"pairs": len(self.pairs), "val_pairs": len(self.val_pairs),
+                "packs_per_epoch": len(self._packs(0)), "counts": dict(self.counts),
+                "distance": self.cfg.hdpo.distance, "reference": self.cfg.hdpo.reference}
+
+
+def _summarise(out: dict, buckets: list[str]) -> dict:
+    """Means of the per-pair metrics, overall and per bucket (accuracy and margin)."""
+    vals = {k: out[k].float().cpu().numpy() for k in METRICS}
+    row = {k: float(v.mean()) for k, v in vals.items()}
+    per = {}
+    for b in sorted(set(buckets)):
+        sel = np.array([x == b for x in buckets])
+        per[b] = {"accuracy": float(vals["accuracy"][sel].mean()),
+                  "margin": float(vals["margin"][sel].mean()), "pairs": int(sel.sum())}
+    row["buckets"] = per
+    return row
