@@ -48,18 +48,110 @@ def _print_result(result: dict) -> None:
 
 
 def _cmd_demo(args) -> int:
-    from .config import SFTConfig, load_config
-    from .train.sft import SFTTrainer
+    from .pipeline import run_demo
 
-    out = args.out or "runs/demo"
-    cfg = load_config(SFTConfig, None, args.overrides,
-                      extra={**_flatten(DEMO_SFT), "run_dir": os.path.join(out, "sft")})
-    t0 = time.perf_counter()
-    print(f"polyfast demo: Bucket-Aware SFT of a tiny {cfg.model.tiny.arch} model on the built-in "
-          f"bilingual demo data -> {cfg.run_dir}")
-    result = SFTTrainer(cfg).fit()
-    _print_result(result)
-    print(f"demo finished in {time.perf_counter() - t0:.1f}s")
+    run_demo(args.out or "runs/demo", args.overrides, progress=not args.no_progress)
+    return 0
+
+
+def _cmd_hdpo(args) -> int:
+    from .config import HDPOConfig, load_config
+    from .train.hdpo import HDPOTrainer
+
+    cfg = load_config(HDPOConfig, args.config, args.overrides)
+    result = HDPOTrainer(cfg).fit()
+    s = result["summary"]
+    if result["eval_after"]:
+        b, a = result["eval_before"], result["eval_after"]
+        print(f"held-out pairs: reward accuracy {b['accuracy']:.3f} -> {a['accuracy']:.3f}, "
+              f"margin {b['margin']:.3f} -> {a['margin']:.3f}")
+    print(f"{s['steps']} steps in {s['train_seconds']:.1f}s, {s['tokens_per_s']:,.0f} tokens/s; "
+          f"model exported to {s['export']}")
+    return 0
+
+
+def _records_arg(path: str, args=None):
+    """A data file, or demo[:split] for the built-in records (default split: train)."""
+    from .data import demo_records, load_records
+
+    if path == "demo" or path.startswith("demo:"):
+        return demo_records(path.split(":", 1)[1] if ":" in path else "train")
+    return load_records(path, skip_bad_rows=getattr(args, "skip_bad_rows", False),
+                        legacy_tokens=getattr(args, "legacy_tokens", False))
+
+
+def _cmd_generate(args) -> int:
+    from .eval.generate import GenerationConfig, generate, load_for_generation, save_predictions
+    from .model import resolve_device
+
+    records = _records_arg(args.data, args)[: args.limit or None]
+    model, tok = load_for_generation(args.model, resolve_device(args.device))
+    cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+                           temperature=args.temperature, top_p=args.top_p,
+                           batch_size=args.batch_size, system=args.system, seed=args.seed)
+    rows = generate(model, tok, records, cfg)
+    save_predictions(rows, args.out)
+    print(f"{len(rows)} predictions -> {args.out}")
+    return 0
+
+
+def _cmd_pairs(args) -> int:
+    import dataclasses
+    from .critic import References, text_distance
+    from .data import make_pairs, pair_weights, save_pairs
+    from .eval.generate import load_predictions
+
+    records = _records_arg(args.records, args)
+    pairs, counts = make_pairs(records, load_predictions(args.predictions), pair_type=args.pair_type)
+    if args.references:
+        refs = References.load(args.references)
+        buckets = [p.bucket_id for p in pairs]
+        dc = text_distance(refs, [p.chosen for p in pairs], buckets)
+        dr = text_distance(refs, [p.rejected for p in pairs], buckets)
+        pairs = [dataclasses.replace(p, chosen_dist=float(c), rejected_dist=float(r))
+                 for p, c, r in zip(pairs, dc, dr)]
+    pairs = pair_weights(pairs)
+    save_pairs(pairs, args.out)
+    print(f"{len(pairs)} pairs -> {args.out}; " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    return 0
+
+
+def _cmd_critic(args) -> int:
+    import json
+    import numpy as np
+    from .critic import MLPCritic, References, text_distance, text_references, train_mlp_critic
+    from .data import load_pairs
+
+    if args.critic_command == "references":
+        records = _records_arg(args.data, args)
+        refs = text_references(records, min_bucket_size=args.min_bucket_size)
+        refs.save(args.out)
+        print(f"references of {len(refs.features)} features over {len(records)} records "
+              f"({len(refs.stats)} keys) -> {args.out}")
+    elif args.critic_command == "train":
+        records = _records_arg(args.data, args)
+        critic, history = train_mlp_critic(records, load_pairs(args.pairs),
+                                           References.load(args.references), epochs=args.epochs)
+        critic.save(args.out)
+        print(f"critic -> {args.out}; loss per epoch: " + ", ".join(f"{h:.4f}" for h in history))
+    else:  # score
+        if args.pairs:
+            pairs = load_pairs(args.pairs)
+            texts = [t for p in pairs for t in (p.chosen, p.rejected)]
+            buckets = [p.bucket_id for p in pairs for _ in (0, 1)]
+            ids = [f"{p.id}:{side}" for p in pairs for side in ("chosen", "rejected")]
+        else:
+            records = _records_arg(args.data, args)
+            texts, buckets, ids = ([r.response for r in records], [r.bucket_id for r in records],
+                                   [r.id for r in records])
+        if args.critic:
+            scores = MLPCritic.load(args.critic).score(texts, buckets)
+        else:
+            scores = text_distance(References.load(args.references), texts, buckets)
+        with open(args.out, "w", encoding="utf-8") as f:
+            for i, b, s in zip(ids, buckets, scores):
+                f.write(json.dumps({"id": i, "bucket_id": b, "score": float(s)}) + "\n")
+        print(f"{len(scores)} scores (mean {np.mean(scores):.4f}) -> {args.out}")
     return 0
 
 
@@ -109,10 +201,61 @@ def build_parser() -> argparse.ArgumentParser:
     sft.add_argument("overrides", nargs="*", help="key.path=value")
     sft.set_defaults(func=_cmd_sft)
 
+    hdpo = sub.add_parser("hdpo", help="HDPO from a Bucket-SFT checkpoint and a pairs file")
+    hdpo.add_argument("config")
+    hdpo.add_argument("overrides", nargs="*", help="key.path=value")
+    hdpo.set_defaults(func=_cmd_hdpo)
+
     demo = sub.add_parser("demo", help="the whole pipeline on the built-in demo data (CPU)")
     demo.add_argument("--out", default=None, help="output directory (default runs/demo)")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.add_argument("overrides", nargs="*", help="key.path=value for the SFT stage")
     demo.set_defaults(func=_cmd_demo)
+
+    gen = sub.add_parser("generate", help="batched generation from an exported model")
+    gen.add_argument("--model", required=True, help="a run directory or its final/ export")
+    gen.add_argument("--data", required=True, help="records file, or demo[:split]")
+    gen.add_argument("--out", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=256)
+    gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--batch-size", type=int, default=16)
+    gen.add_argument("--system", choices=["profile", "record", "none"], default="profile",
+                     help="the profile system prompt, the record's own, or none")
+    gen.add_argument("--limit", type=int, default=0, help="only the first N records")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--device", default="auto")
+    gen.set_defaults(func=_cmd_generate)
+
+    pairs = sub.add_parser("pairs", help="preference pairs: human (chosen) vs prediction (rejected)")
+    pairs.add_argument("--records", required=True, help="records file, or demo[:split]")
+    pairs.add_argument("--predictions", required=True)
+    pairs.add_argument("--out", required=True)
+    pairs.add_argument("--references", default=None, help="critic references: adds distances")
+    pairs.add_argument("--pair-type", choices=["global", "distribution", "local"],
+                       default="distribution")
+    pairs.set_defaults(func=_cmd_pairs)
+
+    critic = sub.add_parser("critic", help="critic references, training and scoring")
+    csub = critic.add_subparsers(dest="critic_command", required=True)
+    ref = csub.add_parser("references", help="per-bucket feature bands from TRAIN records")
+    ref.add_argument("--data", required=True, help="TRAIN records, or demo[:train]")
+    ref.add_argument("--out", required=True)
+    ref.add_argument("--min-bucket-size", type=int, default=20)
+    ctrain = csub.add_parser("train", help="train the MLP critic")
+    ctrain.add_argument("--data", required=True, help="TRAIN records")
+    ctrain.add_argument("--pairs", required=True)
+    ctrain.add_argument("--references", required=True)
+    ctrain.add_argument("--out", required=True, help="output directory (safetensors + JSON)")
+    ctrain.add_argument("--epochs", type=int, default=3)
+    score = csub.add_parser("score", help="score responses: band distance or the MLP critic")
+    score.add_argument("--data", default=None)
+    score.add_argument("--pairs", default=None)
+    score.add_argument("--references", default=None)
+    score.add_argument("--critic", default=None, help="an MLP critic directory")
+    score.add_argument("--out", required=True)
+    critic.set_defaults(func=_cmd_critic)
 
     data = sub.add_parser("data", help="data tools")
     dsub = data.add_subparsers(dest="data_command", required=True)

@@ -152,25 +152,13 @@ class SFTTrainer(Trainer):
                                 for i in range(len(names)) if mass[i] > 0}}
 
     # -- evaluation ---------------------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self, examples: list[Example] | None = None) -> dict:
-        """Per-bucket eval loss: the mean over a bucket's examples of their mean token CE."""
+        """Per-bucket eval loss of the val examples (see ``per_bucket_loss``)."""
         examples = self.data.val if examples is None else examples
-        if not examples:
-            return {}
-        self.model.eval()
-        d = self.cfg.data
-        K = len(self.data.bucket_names)
-        sums = torch.zeros(K, device=self.device)
-        for pack in pack_examples(examples, d.max_tokens, d.packing, batch_size=d.batch_size):
-            batch = self.batch(pack, weighting="example")  # omega = 1 / T_i
-            _, per_token = self.micro_loss(batch, 1.0)
-            sums.index_add_(0, batch.bucket_ids.clamp(min=0), per_token.float())
-        counts = Counter(ex.bucket for ex in examples)
-        sums = sums.cpu().tolist()
-        buckets = {b: sums[i] / counts[b] for i, b in enumerate(self.data.bucket_names) if counts[b]}
-        return {"buckets": buckets, "macro": float(np.mean(list(buckets.values()))),
-                "mean": sum(sums) / len(examples), "examples": len(examples)}
+        return per_bucket_loss(self.model, examples, self.data.bucket_names, self.cfg.data.max_tokens,
+                               backend=self.cfg.train.loss_backend, autocast=self.autocast,
+                               packed=self.packed, batch_size=self.cfg.data.batch_size,
+                               pad_id=self.tokenizer.pad_token_id or 0)
 
     def start_row(self) -> dict:
         return {"train_examples": len(self.data.train), "val_examples": len(self.data.val),
@@ -183,6 +171,36 @@ class SFTTrainer(Trainer):
 
     def summary_extra(self) -> dict:
         return {"packing_efficiency": self.efficiency()}
+
+
+@torch.no_grad()
+def per_bucket_loss(model, examples: list[Example], bucket_names: list[str], max_tokens: int, *,
+                    backend: str = "auto", autocast=None, packed: bool = True, batch_size: int = 4,
+                    pad_id: int = 0) -> dict:
+    """The mean over each bucket's examples of their mean response-token CE; macro and mean too."""
+    import contextlib
+    if not examples:
+        return {}
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    K = len(bucket_names)
+    sums = torch.zeros(K, device=device)
+    packs = pack_examples(examples, max_tokens, "mixed" if packed else "none", batch_size=batch_size)
+    for pack in packs:
+        batch = collate(pack, bucket_names, weighting="example", padded=not packed,
+                        pad_id=pad_id).to(device)  # omega = 1 / T_i
+        with autocast or contextlib.nullcontext():
+            hidden = hidden_states(model, batch)
+        _, per_token = bucket_sft_loss(hidden, head_weight(model), batch.labels, batch.token_weights,
+                                       1.0, softcap=logit_softcap(model), backend=backend)
+        sums.index_add_(0, batch.bucket_ids.clamp(min=0), per_token.float())
+    model.train(was_training)
+    counts = Counter(ex.bucket for ex in examples)
+    sums = sums.cpu().tolist()
+    buckets = {b: sums[i] / counts[b] for i, b in enumerate(bucket_names) if counts[b]}
+    return {"buckets": buckets, "macro": float(np.mean(list(buckets.values()))),
+            "mean": sum(sums) / len(examples), "examples": len(examples)}
 
 
 def eval_table(before: dict, after: dict) -> str:
