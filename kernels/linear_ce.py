@@ -15,7 +15,7 @@ Backends (chosen per call, never by swapping symbols at import):
 - "torch": the chunked twin: rows are processed in chunks whose logits fit a fixed budget; the
   forward keeps only the per-row log-sum-exp, the backward recomputes each chunk's logits. Peak extra
   memory is O(chunk * V) instead of O(N * V). Ignored rows are dropped before any matmul. Accumulates
-  in fp32. The CPU production path;
+  in fp32 (fp64 for fp64 inputs). The CPU production path;
 - "reference": full logits in fp32 (fp64 for fp64 inputs), autograd through torch ops: the oracle
   of tests and benchmarks;
 - "auto": "triton" for CUDA tensors, "torch" otherwise.
@@ -401,9 +401,14 @@ def _rows_per_chunk(V: int, chunk_rows: int | None) -> int:
     return chunk_rows or max(1, CHUNK_ELEMENTS // max(V, 1))
 
 
+def _acc_dtype(weight: torch.Tensor) -> torch.dtype:
+    # fp32 accumulation, fp64 for fp64 inputs (so the twin can serve as an fp64 check too)
+    return torch.float64 if weight.dtype == torch.float64 else torch.float32
+
+
 def _chunk_logits(h, weight, softcap):
-    # h: (C, H) -> z: (C, V) fp32
-    return _softcap(torch.matmul(h, weight.T).float(), softcap)
+    # h: (C, H) -> z: (C, V) in the accumulation dtype
+    return _softcap(torch.matmul(h, weight.T).to(_acc_dtype(weight)), softcap)
 
 
 class _ChunkedLinearCE(torch.autograd.Function):
@@ -412,13 +417,14 @@ class _ChunkedLinearCE(torch.autograd.Function):
                 chunk_rows):
         ctx.hidden_dtype = hidden.dtype
         hidden = hidden.to(weight.dtype)  # mixed dtypes (autocast): compute in the head's dtype
+        acc = _acc_dtype(weight)
         N, V = hidden.shape[0], weight.shape[0]
         valid = targets != ignore_index
         rows = valid.nonzero()[:, 0]  # (n,) the scored rows; ignored rows do no work
-        w = (torch.ones(N, device=hidden.device) if token_weights is None
-             else token_weights.float())
-        lse = torch.zeros(rows.numel(), device=hidden.device)  # (n,) fp32
-        ce = torch.zeros(N, device=hidden.device)  # (N,) fp32
+        w = (torch.ones(N, device=hidden.device, dtype=acc) if token_weights is None
+             else token_weights.to(acc))
+        lse = torch.zeros(rows.numel(), device=hidden.device, dtype=acc)  # (n,)
+        ce = torch.zeros(N, device=hidden.device, dtype=acc)  # (N,)
         step = _rows_per_chunk(V, chunk_rows)
         for s in range(0, rows.numel(), step):
             r = rows[s:s + step]
@@ -436,9 +442,10 @@ class _ChunkedLinearCE(torch.autograd.Function):
         hidden, weight, targets, w, rows, lse = ctx.saved_tensors
         softcap = ctx.softcap
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        g = w * grad_out.float()  # (N,) scale of each row's softmax - onehot
+        acc = lse.dtype
+        g = w * grad_out.to(acc)  # (N,) scale of each row's softmax - onehot
         d_hidden = torch.zeros_like(hidden) if need_h else None
-        d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        d_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         step = ctx.step
         for s in range(0, rows.numel(), step):
             r = rows[s:s + step]
@@ -452,7 +459,7 @@ class _ChunkedLinearCE(torch.autograd.Function):
             if need_h:
                 d_hidden[r] = torch.matmul(dz.to(weight.dtype), weight)
             if need_w:
-                d_weight.addmm_(dz.T, h.float())
+                d_weight.addmm_(dz.T, h.to(acc))
         if need_w:
             d_weight = d_weight.to(weight.dtype)
         if need_h:

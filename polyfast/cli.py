@@ -110,6 +110,10 @@ def _cmd_pairs(args) -> int:
         dr = text_distance(refs, [p.rejected for p in pairs], buckets)
         pairs = [dataclasses.replace(p, chosen_dist=float(c), rejected_dist=float(r))
                  for p, c, r in zip(pairs, dc, dr)]
+    if not pairs:
+        from .errors import DataError
+        raise DataError("no pair kept (" + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+                        + ")", args.predictions)
     pairs = pair_weights(pairs)
     save_pairs(pairs, args.out)
     print(f"{len(pairs)} pairs -> {args.out}; " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))

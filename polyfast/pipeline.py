@@ -46,7 +46,9 @@ def generation_report(records, rows, refs) -> dict[str, dict[str, float]]:
     return {b: {k: float(np.mean(v)) for k, v in m.items()} for b, m in per.items()}
 
 
-def run_demo(out: str, sft_overrides: list[str] = (), progress: bool = True) -> dict:
+def run_demo(out: str, sft_overrides: list[str] = (), progress: bool = True, *,
+             per_bucket: int = 12, max_new_tokens: int = 384, hdpo_overrides: list[str] = ()) -> dict:
+    """Run the pipeline into ``out``; the keyword knobs shrink it (tests use them)."""
     from .cli import DEMO_SFT, _flatten
     from .config import HDPOConfig, SFTConfig, load_config
     from .train.hdpo import HDPOTrainer
@@ -68,9 +70,9 @@ def run_demo(out: str, sft_overrides: list[str] = (), progress: bool = True) -> 
 
     # 2. generate on TRAIN prompts with the SFT model: the rejected side of the pairs
     train = demo_records("train")
-    gen_cfg = GenerationConfig(max_new_tokens=384, batch_size=32)
+    gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens, batch_size=32)
     model, tok = load_for_generation(sft_dir)
-    prompts = stratified(train, 12)
+    prompts = stratified(train, per_bucket)
     say(f"2/6 generating {len(prompts)} train answers with the SFT model")
     rows = generate(model, tok, prompts, gen_cfg, progress=progress)
     save_predictions(rows, os.path.join(out, "train_predictions.jsonl"))
@@ -91,7 +93,7 @@ def run_demo(out: str, sft_overrides: list[str] = (), progress: bool = True) -> 
     say(f"    {dict(counts)}; mean distance chosen {dc.mean():.3f}, rejected {dr.mean():.3f}")
 
     # 4. HDPO from the SFT checkpoint
-    hcfg = load_config(HDPOConfig, None, [], extra={**DEMO_HDPO, "model.path": sft_dir,
+    hcfg = load_config(HDPOConfig, None, list(hdpo_overrides), extra={**DEMO_HDPO, "model.path": sft_dir,
                                                     "data.pairs": os.path.join(out, "pairs.jsonl"),
                                                     "run_dir": os.path.join(out, "hdpo"),
                                                     "train.progress": progress})

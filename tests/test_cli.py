@@ -1,3 +1,4 @@
+import json
 import os
 import re
 
@@ -65,12 +66,63 @@ def test_sft_command_runs(tmp_path, capsys):
     assert os.path.exists(run / "metrics.jsonl") and os.path.exists(run / "config.yaml")
 
 
-def test_demo_command_trains_every_bucket_down(tmp_path, capsys):
-    # a short demo (a quarter epoch): the full one is the README's command
-    assert main(["demo", "--out", str(tmp_path), "train.epochs=0.25", "train.progress=false"]) == 0
+def test_demo_pipeline_end_to_end(tmp_path, capsys):
+    # the pipeline shrunk (a quarter epoch of SFT, short generations, 12 HDPO steps); the full one
+    # is the README's command
+    from polyfast.pipeline import run_demo
+    summary = run_demo(str(tmp_path), ["train.epochs=0.25"], progress=False, per_bucket=3,
+                       max_new_tokens=48, hdpo_overrides=["train.max_steps=12"])
     out = capsys.readouterr().out
-    rows = [re.match(r"^\| (\S+) +\| +([\d.]+) \| +([\d.]+) \|", line) for line in out.splitlines()]
-    table = {m[1]: (float(m[2]), float(m[3])) for m in rows if m}
-    assert len(table) >= 17  # 20 demo buckets + macro
-    assert all(after < before for before, after in table.values()), table
-    assert os.path.exists(tmp_path / "sft" / "final" / "config.json")
+    first = out.split("SFT vs HDPO")[0]  # the SFT before/after table
+    rows = [re.match(r"^\| (\S+) +\| +([\d.]+) \| +([\d.]+) \|", line) for line in first.splitlines()]
+    sft_table = {m[1]: (float(m[2]), float(m[3])) for m in rows if m}
+    assert len(sft_table) >= 17
+    assert all(after < before for before, after in sft_table.values()), sft_table
+    assert "SFT vs HDPO" in out and "held-out pairs" in out
+    for name in ("sft/final/config.json", "hdpo/final/config.json", "pairs.jsonl", "references.json",
+                 "test_predictions_hdpo.jsonl", "demo_summary.json"):
+        assert os.path.exists(tmp_path / name), name
+    assert summary["hdpo_tokens_per_s"] > 0 and summary["pairs"]["kept"] > 0
+
+
+def test_generate_pairs_critic_and_hdpo_commands(tmp_path, capsys):
+    from polyfast.data import load_pairs
+    sft = tmp_path / "sft"
+    assert main(["sft", os.path.join(ROOT, "configs", "demo_sft.yaml"), f"run_dir={sft}",
+                 "train.max_steps=3", "train.progress=false", "data.val=null",
+                 "model.tiny.hidden_size=32", "model.tiny.num_layers=1",
+                 "model.tiny.intermediate_size=64"]) == 0
+    preds = tmp_path / "preds.jsonl"
+    assert main(["generate", "--model", str(sft), "--data", "demo:train", "--out", str(preds),
+                 "--limit", "12", "--max-new-tokens", "16", "--batch-size", "5"]) == 0
+    rows = [json.loads(line) for line in preds.read_text().splitlines()]
+    assert len(rows) == 12 and all(r["id"].startswith("demo-") and "|" in r["bucket_id"] for r in rows)
+    # an SFT model of 3 steps says little: pair the records with hand-made predictions instead
+    from polyfast.data import demo_records
+    preds.write_text("\n".join(json.dumps({"id": r.id, "prediction": r.response[::-1]})
+                                for r in demo_records("train")[::80]))
+    refs = tmp_path / "refs.json"
+    assert main(["critic", "references", "--data", "demo:train", "--out", str(refs)]) == 0
+    pairs = tmp_path / "pairs.jsonl"
+    assert main(["pairs", "--records", "demo:train", "--predictions", str(preds), "--out", str(pairs),
+                 "--references", str(refs)]) == 0
+    out = capsys.readouterr().out
+    assert "dropped_no_prediction" in out  # the records without a prediction are counted
+    loaded = load_pairs(pairs)
+    assert 0 < len(loaded) <= 12 and all(p.rejected_dist is not None for p in loaded)
+    scores = tmp_path / "scores.jsonl"
+    assert main(["critic", "score", "--pairs", str(pairs), "--references", str(refs),
+                 "--out", str(scores)]) == 0
+    assert len(scores.read_text().splitlines()) == 2 * len(loaded)
+    critic = tmp_path / "critic"
+    assert main(["critic", "train", "--data", "demo:train", "--pairs", str(pairs), "--references",
+                 str(refs), "--out", str(critic), "--epochs", "1"]) == 0
+    assert (critic / "critic.safetensors").exists()
+    cfg = tmp_path / "hdpo.yaml"
+    cfg.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "hdpo"),
+                                   "model": {"path": str(sft / "final")},
+                                   "data": {"pairs": str(pairs), "max_tokens": 4096},
+                                   "hdpo": {"distance": "pairs"},
+                                   "train": {"max_steps": 2, "progress": False}}))
+    assert main(["hdpo", str(cfg)]) == 0
+    assert (tmp_path / "hdpo" / "final" / "model.safetensors").exists()
