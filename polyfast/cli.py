@@ -123,12 +123,17 @@ def _cmd_pairs(args) -> int:
 def _cmd_critic(args) -> int:
     import json
     import numpy as np
-    from .critic import MLPCritic, References, text_distance, text_references, train_mlp_critic
+    from .critic import FEATURE_NAMES, MLPCritic, References, features, train_mlp_critic
     from .data import load_pairs
 
+    model = tok = None
+    if getattr(args, "model", None):  # a scoring LM: its log-prob statistics join the features
+        from .eval.generate import load_for_generation
+        model, tok = load_for_generation(args.model)
     if args.critic_command == "references":
         records = _records_arg(args.data, args)
-        refs = text_references(records, min_bucket_size=args.min_bucket_size)
+        values, names = features(records, model=model, tokenizer=tok)
+        refs = References.build(records, values, names, args.min_bucket_size)
         refs.save(args.out)
         print(f"references of {len(refs.features)} features over {len(records)} records "
               f"({len(refs.stats)} keys) -> {args.out}")
@@ -141,17 +146,23 @@ def _cmd_critic(args) -> int:
     else:  # score
         if args.pairs:
             pairs = load_pairs(args.pairs)
+            records = [p.record for p in pairs for _ in (0, 1)]
             texts = [t for p in pairs for t in (p.chosen, p.rejected)]
-            buckets = [p.bucket_id for p in pairs for _ in (0, 1)]
             ids = [f"{p.id}:{side}" for p in pairs for side in ("chosen", "rejected")]
         else:
             records = _records_arg(args.data, args)
-            texts, buckets, ids = ([r.response for r in records], [r.bucket_id for r in records],
-                                   [r.id for r in records])
+            texts, ids = [r.response for r in records], [r.id for r in records]
+        buckets = [r.bucket_id for r in records]
         if args.critic:
             scores = MLPCritic.load(args.critic).score(texts, buckets)
         else:
-            scores = text_distance(References.load(args.references), texts, buckets)
+            refs = References.load(args.references)
+            if len(refs.features) > len(FEATURE_NAMES) and model is None:
+                from .errors import ConfigError
+                raise ConfigError("--model", f"{args.references} holds LM features: give the "
+                                  "scoring model they were computed with")
+            values, _ = features(records, texts, model=model, tokenizer=tok)
+            scores = refs.distance(values, buckets)
         with open(args.out, "w", encoding="utf-8") as f:
             for i, b, s in zip(ids, buckets, scores):
                 f.write(json.dumps({"id": i, "bucket_id": b, "score": float(s)}) + "\n")
@@ -247,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     ref.add_argument("--data", required=True, help="TRAIN records, or demo[:train]")
     ref.add_argument("--out", required=True)
     ref.add_argument("--min-bucket-size", type=int, default=20)
+    ref.add_argument("--model", default=None, help="a scoring LM (run dir): adds LM features")
     ctrain = csub.add_parser("train", help="train the MLP critic")
     ctrain.add_argument("--data", required=True, help="TRAIN records")
     ctrain.add_argument("--pairs", required=True)
@@ -258,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--pairs", default=None)
     score.add_argument("--references", default=None)
     score.add_argument("--critic", default=None, help="an MLP critic directory")
+    score.add_argument("--model", default=None, help="the scoring LM of LM-feature references")
     score.add_argument("--out", required=True)
     critic.set_defaults(func=_cmd_critic)
 

@@ -249,6 +249,9 @@ class References:
 
     def distance(self, values: np.ndarray, buckets: Sequence[str]) -> np.ndarray:
         """Band distance of each row of (n, F) values to its bucket's band; (n,)."""
+        if values.shape[1] != len(self.features):
+            raise ValueError(f"{values.shape[1]} feature values per row, but the references hold "
+                             f"{len(self.features)} features ({self.features[-1]} last)")
         out = np.empty(len(buckets))
         for i, b in enumerate(buckets):
             out[i] = band_distance(values[i], self.lookup(b)[1])
@@ -275,6 +278,18 @@ def band_distance(x: np.ndarray, st: dict[str, list[float]]) -> float:
     scale = np.maximum(np.maximum(q90 - q10, std), 1e-6)
     d = np.where(x < q10, (q10 - x) / scale, np.where(x > q90, (x - q90) / scale, 0.0))
     return float(d.mean())
+
+
+def features(records: Sequence[Record], responses: Sequence[str] | None = None, *, model=None,
+             tokenizer=None, **kw) -> tuple[np.ndarray, list[str]]:
+    """(n, F) feature values of the records' responses (or ``responses`` in their contexts): the
+    text features, plus the LM features when a scoring model is given."""
+    texts = [r.response for r in records] if responses is None else list(responses)
+    values, names = feature_matrix(texts), list(FEATURE_NAMES)
+    if model is not None:
+        values = np.hstack([values, lm_features(model, tokenizer, records, responses, **kw)])
+        names += LM_FEATURE_NAMES
+    return values, names
 
 
 def text_references(records: Sequence[Record], min_bucket_size: int = 20) -> References:

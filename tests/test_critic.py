@@ -65,3 +65,28 @@ def test_mlp_critic_trains_saves_and_loads(tmp_path):
     critic.save(tmp_path / "c")
     again = type(critic).load(tmp_path / "c")
     assert np.allclose(again.score(["ok."], [pairs[0].bucket_id]), critic.score(["ok."], [pairs[0].bucket_id]))
+
+
+def test_lm_features_come_from_joint_logprobs():
+    import torch
+    from polyfast.config import ModelConfig, TinyModelConfig
+    from polyfast.critic import LM_FEATURE_NAMES, features, response_logprobs
+    from polyfast.data import byte_tokenizer, encode_record
+    from polyfast.model import load_model
+    tok = byte_tokenizer()
+    model = load_model(ModelConfig(tiny=TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2,
+                                                        num_kv_heads=1, intermediate_size=64)), tok).eval()
+    recs = demo_records("val")[:5]
+    values, names = features(recs, model=model, tokenizer=tok)
+    assert values.shape == (5, len(FEATURE_NAMES) + len(LM_FEATURE_NAMES)) and names[-1] == LM_FEATURE_NAMES[-1]
+    # against a plain forward of the first record
+    ex = encode_record(tok, recs[0])
+    with torch.no_grad():
+        ids = torch.tensor([ex.input_ids])
+        model.set_attn_implementation("sdpa")
+        lp = torch.log_softmax(model(ids).logits[0, :-1].double(), -1).gather(1, ids[0, 1:, None])[:, 0]
+    expected = lp[ex.n_prompt - 1:]
+    lm = dict(zip(names, values[0]))
+    assert lm["lm_logp_sum"] == pytest.approx(expected.sum().item(), rel=1e-4)
+    assert lm["lm_surprisal_max"] == pytest.approx(-expected.min().item(), rel=1e-4)
+    assert lm["lm_noprompt_logp_sum"] != pytest.approx(lm["lm_logp_sum"])
