@@ -126,3 +126,10 @@ def test_generate_pairs_critic_and_hdpo_commands(tmp_path, capsys):
                                    "train": {"max_steps": 2, "progress": False}}))
     assert main(["hdpo", str(cfg)]) == 0
     assert (tmp_path / "hdpo" / "final" / "model.safetensors").exists()
+
+
+def test_every_shipped_config_loads():
+    from polyfast.config import HDPOConfig
+    for name, cls in (("demo_sft.yaml", SFTConfig), ("demo_hdpo.yaml", HDPOConfig)):
+        cfg = load_config(cls, os.path.join(ROOT, "configs", name))
+        assert cfg.run_dir.startswith("runs/demo")
