@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One prepared check for a GPU machine with PyTorch and Triton but no network (see bench/README.md):
-# the CUDA tests, then the kernel benchmark grid; under 8 minutes on an H100. The table comes last.
+# the CUDA tests, then the kernel benchmark grids; under 8 minutes on an H100. The tables come last.
 # Optional wheels (liger-kernel, cut-cross-entropy) are installed from .whl/ when present.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -17,9 +17,12 @@ python3 -c "import torch, triton, transformers; print('torch', torch.__version__
 
 echo "== CUDA tests"
 timeout 240 python3 -m pytest -q -rs -p no:cacheprovider tests/test_linear_ce_cuda.py \
-  tests/test_linear_ce_triton.py tests/test_linear_ce.py 2>&1 | tee "$OUT/tests.log" | tail -25
+  tests/test_joint_logprobs_cuda.py tests/test_linear_ce_triton.py tests/test_joint_logprobs.py \
+  tests/test_linear_ce.py 2>&1 | tee "$OUT/tests.log" | tail -25
 
-echo "== benchmark grid"
-timeout 270 python3 -m bench.linear_ce --grid gpu --out "$OUT/linear_ce.jsonl" \
-  > "$OUT/bench.md" 2> "$OUT/bench.err" || { echo "bench failed:"; tail -20 "$OUT/bench.err"; }
-cat "$OUT/bench.md"
+echo "== benchmark grids"
+timeout 200 python3 -m bench.linear_ce --grid gpu --out "$OUT/linear_ce.jsonl" \
+  > "$OUT/bench.md" 2> "$OUT/bench.err" || { echo "linear_ce bench failed:"; tail -20 "$OUT/bench.err"; }
+timeout 90 python3 -m bench.joint_logprobs --grid gpu --out "$OUT/joint_logprobs.jsonl" \
+  > "$OUT/bench_joint.md" 2> "$OUT/bench_joint.err" || { echo "joint bench failed:"; tail -20 "$OUT/bench_joint.err"; }
+cat "$OUT/bench.md" "$OUT/bench_joint.md"

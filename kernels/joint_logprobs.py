@@ -11,11 +11,20 @@ reference and of an LM critic, for every pair in a pack. Gradients flow only to 
 hidden states or weights require grad (the policy); frozen models run without autograd.
 
 Backends, chosen per call:
+- "triton": one launch over (row block, model): each program sweeps the vocabulary in
+  (BLOCK_V, H_m) tiles of its model's head (tl.dot in SRAM, fp32 accumulate), keeps an online max,
+  the off-target sum-exp and the target logit, turns them into the token's log-prob
+  (-log1p(S_off exp(max - z_y)), exact when p(target) -> 1), writes it, and adds it to its
+  segment's sum with an fp32 atomic: the (M, S) sums leave the kernel reduced. Up to three models
+  (policy, reference, critic) with their own hidden sizes and softcaps share the launch. Backward
+  only for the models that need it: from d(sums) (M, S) each token's weight is -d(sums)[m, seg_t],
+  and the recompute-and-atomics backward of linear_cross_entropy does the rest; frozen models keep
+  nothing for backward.
 - "torch": per model, the chunked linear cross-entropy twin (no (N, V) logits) with reduction
   "none", then a segment scatter-add; frozen models under no_grad. The CPU production path.
 - "reference": full log-softmax per model in fp32 (fp64 for fp64 inputs), then the scatter-add: the
   oracle of tests and benchmarks.
-- "auto": "torch" (the single-sweep Triton kernel is a later release).
+- "auto": "triton" for CUDA tensors, "torch" otherwise.
 
 Shapes: hiddens[m] (N, H_m), weights[m] (V, H_m), targets (N,), segment_ids (N,) int.
 Returns logp_sums (M, S) fp32 (fp64 under the fp64 reference), token_counts (S,) int64 and, with
@@ -28,9 +37,15 @@ from typing import Sequence
 
 import torch
 
-from .linear_ce import linear_ce_reference, linear_ce_torch
+from . import linear_ce as _lce
+from .linear_ce import HAS_TRITON, linear_ce_reference, linear_ce_torch
 
-BACKENDS = ("auto", "torch", "reference")
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+BACKENDS = ("auto", "triton", "torch", "reference")
+MAX_TRITON_MODELS = 3
 IGNORE_INDEX = -100
 
 
@@ -50,6 +65,173 @@ def _check(hiddens, weights, targets, segment_ids, softcaps, requires_grad):
             raise ValueError(f"{name} needs one entry per model ({M}), got {len(seq)}")
 
 
+# ---------------------------------------------------------------------------------------------
+# Triton kernels
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _row_stats(h_ptr, w_ptr, y, rows, row_ok, V, H, stride_h, stride_w, softcap,
+                   HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                   BLOCK_H: tl.constexpr, EVEN_H: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        # over the whole vocabulary: running max m, off-target sum-exp s (relative to m), target z
+        m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+        s = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        zt = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            col_ok = cols < V
+            z = _lce._logit_tile(h_ptr, w_ptr, rows, cols, row_ok, col_ok, H, stride_h, stride_w,
+                                 BLOCK_N, BLOCK_V, BLOCK_H, EVEN_H, DOT_PRECISION)
+            if HAS_SOFTCAP:
+                z = softcap * _lce._tanh(z / softcap)
+            z = tl.where(col_ok[None, :], z, float("-inf"))
+            is_target = cols[None, :] == y[:, None]
+            m_new = tl.maximum(m, tl.max(z, axis=1))
+            e = tl.where(is_target, 0.0, tl.exp(z - m_new[:, None]))
+            s = s * tl.exp(m - m_new) + tl.sum(e, axis=1)
+            m = m_new
+            zt += tl.sum(tl.where(is_target, z, 0.0), axis=1)
+        return m, s, zt
+
+    @triton.jit
+    def _joint_fwd_kernel(h0, w0, H0, sh0, sw0, cap0, h1, w1, H1, sh1, sw1, cap1,
+                          h2, w2, H2, sh2, sw2, cap2, y_ptr, seg_ptr, lp_ptr, ce_ptr, lse_ptr,
+                          sums_ptr, N, V, S, NUM_MODELS: tl.constexpr, CAP0: tl.constexpr,
+                          CAP1: tl.constexpr, CAP2: tl.constexpr, EVEN0: tl.constexpr,
+                          EVEN1: tl.constexpr, EVEN2: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                          DOT_PRECISION: tl.constexpr):
+        # grid (row blocks, models): token log-probs (M, N), per-row CE and lse (M, N), and the
+        # per-segment sums (M, S) by atomics
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        seg = tl.load(seg_ptr + rows, mask=row_ok, other=-1)
+        y = tl.load(y_ptr + rows, mask=row_ok, other=-1)
+        scored = row_ok & (seg >= 0)
+        ce = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        lse = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        if tl.max(scored.to(tl.int32), axis=0) > 0:
+            m = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            s = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            zt = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            if pid_m == 0:
+                m, s, zt = _row_stats(h0, w0, y, rows, row_ok, V, H0, sh0, sw0, cap0, CAP0,
+                                      BLOCK_N, BLOCK_V, BLOCK_H, EVEN0, DOT_PRECISION)
+            if NUM_MODELS > 1:
+                if pid_m == 1:
+                    m, s, zt = _row_stats(h1, w1, y, rows, row_ok, V, H1, sh1, sw1, cap1, CAP1,
+                                          BLOCK_N, BLOCK_V, BLOCK_H, EVEN1, DOT_PRECISION)
+            if NUM_MODELS > 2:
+                if pid_m == 2:
+                    m, s, zt = _row_stats(h2, w2, y, rows, row_ok, V, H2, sh2, sw2, cap2, CAP2,
+                                          BLOCK_N, BLOCK_V, BLOCK_H, EVEN2, DOT_PRECISION)
+            # CE = lse - z_y = log1p(s exp(m - z_y)); log1p(r) = log(u) r / (u - 1), u = 1 + r,
+            # exact in fp32 (no libdevice needed)
+            gap = m - zt
+            r = s * tl.exp(tl.minimum(gap, 30.0))
+            u = 1.0 + r
+            small = tl.where(u == 1.0, r, tl.log(u) * r / (u - 1.0))
+            big = gap + tl.log(s + tl.exp(-gap))
+            ce = tl.where(scored, tl.where(gap < 30.0, small, big), 0.0)
+            lse = tl.where(scored, zt + ce, 0.0)
+            tl.atomic_add(sums_ptr + pid_m * S + seg, -ce, mask=scored, sem="relaxed")
+        out = pid_m * N + rows
+        tl.store(lp_ptr + out, -ce, mask=row_ok)
+        tl.store(ce_ptr + out, ce, mask=row_ok)
+        tl.store(lse_ptr + out, lse, mask=row_ok)
+
+
+def _launch_joint_fwd(hiddens, weights, targets, segs, S, softcaps):
+    """(token log-probs, CE, lse), each (M, N) fp32, and the (M, S) fp32 sums."""
+    M, N, V = len(hiddens), targets.shape[0], weights[0].shape[0]
+    device = targets.device
+    lp = torch.empty(M, N, device=device, dtype=torch.float32)
+    ce, lse = torch.empty_like(lp), torch.empty_like(lp)
+    sums = torch.zeros(M, S, device=device, dtype=torch.float32)
+    bn, bv, bh, warps, stages = _lce._CONFIGS[_lce._family(device)]["fwd"]
+    args, flags = [], {}
+    for m in range(MAX_TRITON_MODELS):
+        k = min(m, M - 1)  # unused slots repeat the last model; the kernel never reads them
+        h, w = hiddens[k], weights[k]
+        args += [h, w, h.shape[1], h.stride(0), w.stride(0), float(softcaps[k] or 1.0)]
+        flags[f"CAP{m}"] = softcaps[k] is not None
+        flags[f"EVEN{m}"] = h.shape[1] % bh == 0
+    dtypes = {h.dtype for h in hiddens}
+    precision = _lce._dot_precision(hiddens[0].dtype) if len(dtypes) == 1 else "ieee"
+    _joint_fwd_kernel[(triton.cdiv(N, bn), M)](
+        *args, targets, segs, lp, ce, lse, sums, N, V, S, NUM_MODELS=M, **flags, BLOCK_N=bn,
+        BLOCK_V=bv, BLOCK_H=bh, DOT_PRECISION=precision, num_warps=warps, num_stages=stages)
+    return lp, ce, lse, sums
+
+
+class _TritonJoint(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, targets, segs, num_segments, softcaps, grads, *tensors):
+        M = len(tensors) // 2
+        ctx.orig = [(tensors[2 * m].dtype, tensors[2 * m + 1].dtype) for m in range(M)]
+        hiddens = [tensors[2 * m].contiguous() for m in range(M)]
+        weights = [tensors[2 * m + 1].to(hiddens[m].dtype).contiguous() for m in range(M)]
+        y = torch.where(segs >= 0, targets, 0)
+        lp, ce, lse, sums = _launch_joint_fwd(hiddens, weights, y, segs, num_segments, softcaps)
+        saved = [y, segs, ce, lse]
+        ctx.trainable = [m for m in range(M) if grads[m]]
+        for m in ctx.trainable:  # frozen models keep nothing
+            saved += [hiddens[m], weights[m]]
+        ctx.save_for_backward(*saved)
+        ctx.softcaps, ctx.M = softcaps, M
+        return sums, lp
+
+    @staticmethod
+    def backward(ctx, d_sums, d_lp):
+        y, segs, ce, lse, *rest = ctx.saved_tensors
+        grads = [None] * (2 * ctx.M)
+        scored = segs >= 0
+        seg = torch.where(scored, segs, 0)
+        for k, m in enumerate(ctx.trainable):
+            h, w = rest[2 * k], rest[2 * k + 1]
+            # logp = -CE: each token's CE weight is -(d sums[m, seg_t] + d lp[m, t])
+            g = -(d_sums[m].float().gather(0, seg) + d_lp[m].float())
+            g = torch.where(scored, g, 0.0).contiguous()
+            need_h = ctx.needs_input_grad[5 + 2 * m]
+            need_w = ctx.needs_input_grad[6 + 2 * m]
+            zt = lse[m] - ce[m]
+            y_m = torch.where(scored, y, -100)
+            dh, dw = _lce.ce_backward(h, w, y_m, -100, g, ce[m], lse[m], zt, ctx.softcaps[m],
+                                      need_h, need_w, weight_dtype=ctx.orig[m][1])
+            grads[2 * m], grads[2 * m + 1] = dh, dw
+        return (None, None, None, None, None, *grads)
+
+
+def joint_logprobs_triton(hiddens, weights, targets, segment_ids, num_segments, *, softcaps=None,
+                          requires_grad=None, return_token_logprobs=False):
+    """The single-launch Triton kernel (see the module docstring): CUDA tensors, or CPU tensors
+    under TRITON_INTERPRET=1; up to three models."""
+    if not HAS_TRITON:
+        raise RuntimeError("the triton backend needs the triton package")
+    _check(hiddens, weights, targets, segment_ids, softcaps, requires_grad)
+    M = len(hiddens)
+    if M > MAX_TRITON_MODELS:
+        raise ValueError(f"the triton backend takes up to {MAX_TRITON_MODELS} models, got {M}")
+    if targets.device.type != "cuda" and not _lce._interpreting():
+        raise RuntimeError("the triton backend runs on CUDA tensors (or on CPU under "
+                           "TRITON_INTERPRET=1 for testing); use backend='torch' on a CPU")
+    softcaps = list(softcaps) if softcaps is not None else [None] * M
+    if requires_grad is None:
+        requires_grad = [h.requires_grad or w.requires_grad for h, w in zip(hiddens, weights)]
+    tensors = []
+    for h, w, g in zip(hiddens, weights, requires_grad):
+        tensors += [h, w] if g else [h.detach(), w.detach()]
+    sums, lp = _TritonJoint.apply(targets, segment_ids.long(), num_segments, softcaps,
+                                  list(requires_grad), *tensors)
+    counts = torch.zeros(num_segments, dtype=torch.int64, device=targets.device)
+    counts.index_add_(0, torch.where(segment_ids >= 0, segment_ids, 0).long(),
+                      (segment_ids >= 0).long())
+    return (sums, counts, lp) if return_token_logprobs else (sums, counts)
+
+
 def _token_logprobs(fn, h, w, targets, softcap):
     # -(CE) per token, 0 on ignored rows; (N,)
     return -fn(h, w, targets, softcap=softcap, reduction="none")
@@ -65,6 +247,13 @@ def joint_logprobs(hiddens: Sequence[torch.Tensor], weights: Sequence[torch.Tens
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = ("triton" if targets.is_cuda and HAS_TRITON and len(hiddens) <= MAX_TRITON_MODELS
+                   else "torch")
+    if backend == "triton":
+        return joint_logprobs_triton(hiddens, weights, targets, segment_ids, num_segments,
+                                     softcaps=softcaps, requires_grad=requires_grad,
+                                     return_token_logprobs=return_token_logprobs)
     _check(hiddens, weights, targets, segment_ids, softcaps, requires_grad)
     M = len(hiddens)
     softcaps = list(softcaps) if softcaps is not None else [None] * M

@@ -343,22 +343,32 @@ class _TritonLinearCE(torch.autograd.Function):
     def backward(ctx, grad_out):
         hidden, weight, targets, w, ce, lse, zt = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        softcap = ctx.softcap
         g = (w * grad_out.float()).contiguous()  # (N,)
-        dh, dw = _launch_bwd(hidden, weight, targets, lse, g, softcap, need_h, need_w)
-        # the target column in fp32: g * (p_y - 1) * softcap'(z_y), with p_y - 1 = expm1(-CE)
-        # accurate however close p_y is to 1 (CE itself came from log1p)
-        coef = g * torch.expm1(-ce)
-        if softcap is not None:
-            coef = coef * (1.0 - (zt / softcap) ** 2)
-        y = torch.where(targets != ctx.ignore_index, targets, 0).long()
-        if need_h:
-            dh += coef[:, None] * weight.index_select(0, y).float()
-            dh = dh.to(hidden.dtype)
-        if need_w:
-            dw.index_add_(0, y, hidden.float() * coef[:, None])
-            dw = dw.to(ctx.weight_dtype)
+        dh, dw = ce_backward(hidden, weight, targets, ctx.ignore_index, g, ce, lse, zt, ctx.softcap,
+                             need_h, need_w, weight_dtype=ctx.weight_dtype)
         return dh, dw, None, None, None, None, None, None
+
+
+def ce_backward(hidden, weight, targets, ignore_index, g, ce, lse, zt, softcap, need_h, need_w,
+                weight_dtype=None):
+    """Gradients of sum_t g_t * CE_t with respect to hidden (N, H) and weight (V, H), from the
+    forward's per-row CE, lse and target logit (all (N,) fp32): the off-target part in the Triton
+    kernel, the target column in fp32 here. Returns (d_hidden | None, d_weight | None) in the
+    dtypes of hidden and ``weight_dtype`` (default: weight's)."""
+    dh, dw = _launch_bwd(hidden, weight, targets, lse, g, softcap, need_h, need_w)
+    # the target column in fp32: g * (p_y - 1) * softcap'(z_y), with p_y - 1 = expm1(-CE)
+    # accurate however close p_y is to 1 (CE itself came from log1p)
+    coef = g * torch.expm1(-ce)
+    if softcap is not None:
+        coef = coef * (1.0 - (zt / softcap) ** 2)
+    y = torch.where(targets != ignore_index, targets, 0).long()
+    if need_h:
+        dh += coef[:, None] * weight.index_select(0, y).float()
+        dh = dh.to(hidden.dtype)
+    if need_w:
+        dw.index_add_(0, y, hidden.float() * coef[:, None])
+        dw = dw.to(weight_dtype or weight.dtype)
+    return dh, dw
 
 
 def linear_ce_triton(hidden, weight, targets, token_weights=None, *, ignore_index=-100,

@@ -258,7 +258,7 @@ class HDPOLossConfig:
     critic_model: str | None = None      # the LM critic (default: model.path, the SFT checkpoint)
     min_bucket_size: int = 20
     reference: Literal["live", "precomputed"] = "live"   # frozen reference in memory, or cached
-    loss_backend: Literal["auto", "torch", "reference"] = "auto"
+    loss_backend: Literal["auto", "triton", "torch", "reference"] = "auto"
 
 
 def _hdpo_train_defaults() -> TrainConfig:

@@ -65,3 +65,60 @@ def test_shape_errors():
         joint_logprobs([h, h], [w], torch.zeros(4, dtype=torch.long), torch.zeros(4, dtype=torch.long), 1)
     with pytest.raises(ValueError, match="segment_ids"):
         joint_logprobs([h], [w], torch.zeros(4, dtype=torch.long), torch.zeros(3, dtype=torch.long), 1)
+
+
+# --- the Triton backend (under TRITON_INTERPRET=1 on a CPU) -----------------------------------
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("M", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_triton_sums_and_gradients_match_the_oracle(M, dtype):
+    from polyfast.kernels import joint_logprobs_triton
+    g = torch.Generator().manual_seed(10 + M)
+    N, V, S = 45, 71, 9
+    sizes = [32, 16, 40][:M]
+    softcaps = [None, 4.0, 6.0][:M]
+    hiddens = [torch.randn(N, H, generator=g, dtype=torch.float64).to(dtype).double() for H in sizes]
+    weights = [(torch.randn(V, H, generator=g, dtype=torch.float64) / H ** 0.5).to(dtype).double()
+               for H in sizes]
+    targets = torch.randint(0, V, (N,), generator=g)
+    segs = torch.sort(torch.randint(0, S - 1, (N,), generator=g)).values  # contiguous runs
+    segs[:7] = -1  # a prompt
+    segs[20:23] = -1
+    segs[-1] = S - 1  # a single-token segment
+    hs = [h.to(DEVICE, dtype).requires_grad_(m == 0) for m, h in enumerate(hiddens)]
+    ws = [w.to(DEVICE, dtype).requires_grad_(m == 0) for m, w in enumerate(weights)]
+    sums, counts, tok = joint_logprobs_triton(hs, ws, targets.to(DEVICE), segs.to(DEVICE), S,
+                                              softcaps=softcaps, return_token_logprobs=True)
+    ref_h = [h.clone().requires_grad_(m == 0) for m, h in enumerate(hiddens)]
+    ref_w = [w.clone().requires_grad_(m == 0) for m, w in enumerate(weights)]
+    ref = _oracle(ref_h, ref_w, targets, segs, S, softcaps)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    assert_close(sums.cpu(), ref, tol, f"sums (M={M}, {dtype})")
+    assert counts.cpu().tolist() == [(segs == k).sum().item() for k in range(S)]
+    assert (tok.cpu()[:, segs < 0] == 0).all()
+    coef = torch.randn(M, S, generator=g, dtype=torch.float64)
+    (sums.double() * coef.to(DEVICE)).sum().backward()
+    (ref * coef).sum().backward()
+    assert_close(hs[0].grad.cpu(), ref_h[0].grad, tol, "d_hidden")
+    assert_close(ws[0].grad.cpu(), ref_w[0].grad, tol, "d_weight")
+    assert all(h.grad is None for h in hs[1:]) and all(w.grad is None for w in ws[1:])
+
+
+def test_triton_token_logprobs_carry_gradients_too():
+    from polyfast.kernels import joint_logprobs_triton
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(30, 16, generator=g)
+    w = torch.randn(40, 16, generator=g) / 4
+    y = torch.randint(0, 40, (30,), generator=g)
+    seg = torch.tensor([-1] * 5 + [0] * 10 + [1] * 15)
+    grads = []
+    for fn in ("triton", "torch"):
+        hh = h.clone().to(DEVICE).requires_grad_()
+        sums, _, tok = joint_logprobs([hh], [w.to(DEVICE)], y.to(DEVICE), seg.to(DEVICE), 2,
+                                      backend=fn, return_token_logprobs=True)
+        (sums.sum() * 0.5 + (tok ** 2).sum()).backward()
+        grads.append(hh.grad.cpu())
+    assert_close(grads[0], grads[1], 1e-5, "d_hidden through sums and token log-probs")

@@ -1,0 +1,139 @@
+"""Benchmark the joint policy / reference / critic log-prob pass of HDPO: forward + backward
+(the policy's gradient) time and peak memory.
+
+    python -m bench.joint_logprobs                # CPU: reduced sizes, torch backends
+    python -m bench.joint_logprobs --grid gpu     # CUDA: 3 models, N=8192, H=1536, V=151936
+
+Rows: our Triton kernel (one launch), our torch twin, (a) three full-logits reference passes,
+(b) three calls of our fused cross-entropy kernel with reduction "none" plus torch segment sums,
+(c) Liger-Kernel's fused linear DPO loss on the same pairs (policy + reference; padded rows of equal
+length, as its interface takes them). Sequences are 32 pairs' sides of equal length (a quarter
+prompt), so (c) sees no padding. Rows go to bench/results/joint_logprobs.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from bench.harness import append_jsonl, machine, markdown_table, measure, run_isolated
+
+GRIDS = {"cpu": [(2048, 256, 8192)], "gpu": [(8192, 1536, 151936)]}
+CPU_BACKENDS = ["reference", "torch", "ce_none"]
+GPU_BACKENDS = ["triton", "torch", "reference", "ce_none", "liger_dpo"]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+MODELS = 3
+SEQS = 32
+
+
+def _inputs(N, H, V, dtype, device):
+    torch.manual_seed(0)
+    hs = [(torch.randn(N, H, device=device) / 4).to(dtype) for _ in range(MODELS)]
+    ws = [(torch.randn(V, H, device=device) / H ** 0.5).to(dtype) for _ in range(MODELS)]
+    hs[0].requires_grad_()
+    ws[0].requires_grad_()
+    targets = torch.randint(0, V, (N,), device=device)
+    L = N // SEQS
+    seg = torch.arange(SEQS, device=device).repeat_interleave(L)
+    seg = torch.where(torch.arange(N, device=device) % L < L // 4, -1, seg)  # prompts
+    return hs, ws, targets, seg
+
+
+def _step_fn(backend, hs, ws, targets, seg):
+    from polyfast.kernels import joint_logprobs, linear_cross_entropy
+    if backend in ("triton", "torch", "reference"):
+        return lambda: joint_logprobs(hs, ws, targets, seg, SEQS, backend=backend)[0][0].sum().backward()
+    if backend == "ce_none":
+        def run():
+            t = torch.where(seg >= 0, targets, -100)
+            s = torch.where(seg >= 0, seg, 0)
+            sums = []
+            for m in range(MODELS):
+                with torch.set_grad_enabled(m == 0):
+                    lp = -linear_cross_entropy(hs[m], ws[m], t, reduction="none")
+                    sums.append(lp.new_zeros(SEQS).index_add(0, s, lp))
+            sums[0].sum().backward()
+        return run
+    if backend == "liger_dpo":
+        from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+        loss = LigerFusedLinearDPOLoss(beta=0.1)
+        L = targets.numel() // SEQS
+        x = hs[0].view(SEQS, L, -1)
+        ref = hs[1].view(SEQS, L, -1)
+        y = torch.where(seg >= 0, targets, -100).view(SEQS, L)
+        return lambda: loss(ws[0], x, y, ref_input=ref, ref_weight=ws[1])[0].backward()
+    raise ValueError(backend)
+
+
+def one(backend, N, H, V, dtype, device, repeats):
+    hs, ws, targets, seg = _inputs(N, H, V, DTYPES[dtype], device)
+    try:
+        fn = _step_fn(backend, hs, ws, targets, seg)
+    except ImportError as e:
+        return {"skipped": str(e)}
+
+    def step():
+        for t in (hs[0], ws[0]):
+            t.grad = None
+        fn()
+    return measure(step, device, repeats=repeats)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--grid", choices=sorted(GRIDS), default=None)
+    p.add_argument("--backends", nargs="*", default=None)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", default="bench/results/joint_logprobs.jsonl")
+    p.add_argument("--one", nargs=4, metavar=("BACKEND", "N", "H", "V"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = "bfloat16" if device == "cuda" else "float32"
+    if args.one:
+        b, n, h, v = args.one
+        print(json.dumps(one(b, int(n), int(h), int(v), dtype, device, args.repeats)))
+        return 0
+    from bench.linear_ce import gemm_tflops
+    info = machine()
+    rate = gemm_tflops(device, dtype)
+    rows, table = [], []
+    for N, H, V in GRIDS[args.grid or ("gpu" if device == "cuda" else "cpu")]:
+        # the GEMM floor: three forward head products and the policy's two backward ones
+        floor_ms = 2 * N * H * V * (MODELS + 2) / (rate * 1e12) * 1e3
+        base = None
+        for b in args.backends or (GPU_BACKENDS if device == "cuda" else CPU_BACKENDS):
+            if device == "cuda":
+                torch.cuda.empty_cache()
+                try:
+                    r = one(b, N, H, V, dtype, device, args.repeats)
+                except Exception as e:  # noqa: BLE001 - a failing comparison row is reported
+                    r = {"error": f"{type(e).__name__}: {e}"[:200]}
+            else:
+                r = run_isolated("bench.joint_logprobs", ["--one", b, str(N), str(H), str(V),
+                                                          "--repeats", str(args.repeats)])
+            rows.append({"bench": "joint_logprobs", "backend": b, "N": N, "H": H, "V": V,
+                         "models": MODELS, "dtype": dtype, "gemm_floor_ms": floor_ms, **info, **r})
+            if b == "ce_none" and "ms" in r:
+                base = r["ms"]
+            print(f"  {b}: {r}", file=sys.stderr)
+        for row in rows:
+            if "ms" in row:
+                table.append([f"{N}x{H}x{V}", row["backend"], row["ms"], row["peak_mb"],
+                              base / row["ms"] if base else None, row["ms"] / floor_ms])
+            else:
+                table.append([f"{N}x{H}x{V}", row["backend"], None, None, None,
+                              row.get("skipped") or row.get("error")])
+    append_jsonl(args.out, rows)
+    print(f"\njoint_logprobs fwd+bwd, {MODELS} models, {dtype}, {info['device']}, torch "
+          f"{info['torch']}, {info['date']}; matmul rate {rate:.1f} TFLOP/s\n")
+    print(markdown_table(["N x H x V", "backend", "ms (median)", "peak MB",
+                          "speed vs (b) 3x CE none", "x GEMM floor"], table))
+    print(json.dumps({"bench": "joint_logprobs", "machine": info, "rows": len(rows)}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
