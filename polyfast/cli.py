@@ -170,6 +170,53 @@ def _cmd_critic(args) -> int:
     return 0
 
 
+def _cmd_eval(args) -> int:
+    import os
+    from .eval.evaluate import align, compare, evaluate, prior_records, write_report
+
+    if args.compare:
+        print(compare(args.compare, args.out or "eval_compare"))
+        return 0
+    if not args.data or not args.references or not (args.model or args.predictions):
+        from .errors import ConfigError
+        raise ConfigError("eval", "give --model or --predictions, --data TEST and --references TRAIN "
+                          "(or --compare DIR ...)")
+    test = _records_arg(args.data, args)
+    train = _records_arg(args.references, args)
+    out = args.out or "eval"
+    if args.model:
+        from .eval.generate import GenerationConfig, generate, load_for_generation, save_predictions
+        model, tok = load_for_generation(args.model)
+        prompts = prior_records(test, train, args.seed) if args.profile == "prior" else test
+        cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                               system="none" if args.profile == "none" else "profile")
+        rows = generate(model, tok, prompts, cfg)
+        os.makedirs(out, exist_ok=True)
+        save_predictions(rows, os.path.join(out, "predictions.jsonl"))
+        preds = [r["prediction"] for r in rows]
+        title = args.title or os.path.basename(os.path.normpath(args.model))
+    else:
+        from .eval.generate import load_predictions
+        preds = align(test, load_predictions(args.predictions), args.predictions)
+        title = args.title or os.path.basename(args.predictions)
+    featurizer = None
+    if args.featurizer:
+        from .eval.evaluate import mauve_available
+        if mauve_available():
+            from .eval.generate import load_for_generation
+            featurizer = load_for_generation(args.featurizer)
+        else:
+            print("C-MAUVE skipped: mauve-text is not installed (pip install polyfast[mauve])")
+    else:
+        print("C-MAUVE skipped: no --featurizer model given")
+    result = evaluate(test, preds, train, seed=args.seed, featurizer=featurizer)
+    write_report(result, out, title, args.profile)
+    m = result["macro"]
+    print(f"{title} ({args.profile}): " + ", ".join(f"{k} {v:.4f}" for k, v in m.items())
+          + f"\nreport -> {os.path.join(out, 'report.md')}")
+    return 0
+
+
 def _flatten(tree: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in tree.items():
@@ -273,6 +320,24 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--model", default=None, help="the scoring LM of LM-feature references")
     score.add_argument("--out", required=True)
     critic.set_defaults(func=_cmd_critic)
+
+    ev = sub.add_parser("eval", help="per-bucket metrics, report.md and plots")
+    ev.add_argument("--model", default=None, help="a run to generate with first")
+    ev.add_argument("--predictions", default=None, help="a predictions JSONL (id, prediction)")
+    ev.add_argument("--data", default=None, help="TEST records, or demo:test")
+    ev.add_argument("--references", default=None,
+                    help="TRAIN records (or demo:train): the human support for BNG, HCR, distance")
+    ev.add_argument("--profile", choices=["oracle", "prior", "none"], default="prior",
+                    help="length bin in the profile prompt: gold (oracle), drawn from the TRAIN "
+                         "prior of the record's language|track|family, or no profile prompt")
+    ev.add_argument("--compare", nargs="+", default=None, help="eval dirs to put side by side")
+    ev.add_argument("--featurizer", default=None, help="a local LM for C-MAUVE (needs mauve-text)")
+    ev.add_argument("--out", default=None)
+    ev.add_argument("--title", default=None)
+    ev.add_argument("--max-new-tokens", type=int, default=384)
+    ev.add_argument("--batch-size", type=int, default=32)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.set_defaults(func=_cmd_eval)
 
     data = sub.add_parser("data", help="data tools")
     dsub = data.add_subparsers(dest="data_command", required=True)

@@ -1,5 +1,6 @@
 """The whole PolyAlign pipeline on the built-in demo: data -> Bucket-SFT -> generate on train
-prompts -> pairs -> critic references -> HDPO -> a per-bucket comparison of SFT and HDPO."""
+prompts -> pairs -> critic references -> HDPO -> a per-bucket comparison of SFT and HDPO and the
+evaluation report (report.md, metrics.json, plots) with oracle and prior length profiles."""
 
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ def run_demo(out: str, sft_overrides: list[str] = (), progress: bool = True, *,
     cfg = load_config(SFTConfig, None, list(sft_overrides),
                       extra={**_flatten(DEMO_SFT), "run_dir": os.path.join(out, "sft"),
                              "train.progress": progress})
-    say(f"1/6 Bucket-Aware SFT of a tiny {cfg.model.tiny.arch} model -> {cfg.run_dir}")
+    say(f"1/7 Bucket-Aware SFT of a tiny {cfg.model.tiny.arch} model -> {cfg.run_dir}")
     sft = SFTTrainer(cfg)
     sft_result = sft.fit()
     timings["sft"] = time.perf_counter() - t0
@@ -73,12 +74,12 @@ def run_demo(out: str, sft_overrides: list[str] = (), progress: bool = True, *,
     gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens, batch_size=32)
     model, tok = load_for_generation(sft_dir)
     prompts = stratified(train, per_bucket)
-    say(f"2/6 generating {len(prompts)} train answers with the SFT model")
+    say(f"2/7 generating {len(prompts)} train answers with the SFT model")
     rows = generate(model, tok, prompts, gen_cfg, progress=progress)
     save_predictions(rows, os.path.join(out, "train_predictions.jsonl"))
 
     # 3. pairs, critic references (TRAIN only), distances and pair weights
-    say("3/6 pairs and critic references")
+    say("3/7 pairs and critic references")
     refs = text_references(train)
     refs.save(os.path.join(out, "references.json"))
     pairs, counts = make_pairs(prompts, {r["id"]: r["prediction"] for r in rows})
@@ -99,7 +100,7 @@ def run_demo(out: str, sft_overrides: list[str] = (), progress: bool = True, *,
                                                     "train.progress": progress})
     held_out = pairs[::7]  # reward accuracy and margin are measured on pairs HDPO never saw
     fit_pairs = [p for i, p in enumerate(pairs) if i % 7]
-    say(f"4/6 HDPO on {len(fit_pairs)} pairs ({len(held_out)} held out) -> {hcfg.run_dir}")
+    say(f"4/7 HDPO on {len(fit_pairs)} pairs ({len(held_out)} held out) -> {hcfg.run_dir}")
     hdpo = HDPOTrainer(hcfg, pairs=fit_pairs, val_pairs=held_out)
     hdpo_result = hdpo.fit()
     timings["hdpo_tokens_per_s"] = hdpo_result["summary"]["tokens_per_s"]
@@ -107,7 +108,7 @@ def run_demo(out: str, sft_overrides: list[str] = (), progress: bool = True, *,
 
     # 5. evaluate both on held-out prompts: eval loss, distance to human support, length bins
     test = demo_records("test")
-    say(f"5/6 evaluating SFT and HDPO on {len(test)} test prompts")
+    say(f"5/7 evaluating SFT and HDPO on {len(test)} test prompts")
     report = {}
     examples = [e for e in (fit_length(x, 4096) for x in encode_records(tok, test)) if e]
     names = sorted({r.bucket_id for r in test})
@@ -118,9 +119,38 @@ def run_demo(out: str, sft_overrides: list[str] = (), progress: bool = True, *,
         loss = per_bucket_loss(m, examples, names, 4096)
         gen = generate(m, tok, test, gen_cfg, progress=progress)
         save_predictions(gen, os.path.join(out, f"test_predictions_{name}.jsonl"))
-        report[name] = {"loss": loss, "generation": generation_report(test, gen, refs)}
+        report[name] = {"loss": loss, "generation": generation_report(test, gen, refs),
+                        "oracle_rows": gen}
 
-    # 6. the table
+    # 6. the evaluation report: SFT and HDPO, with the gold length bin in the profile (oracle, as
+    # the authors evaluated) and with a bin drawn from the TRAIN prior (what a deployed model knows)
+    say("6/7 evaluation report (oracle and prior profiles)")
+    from .eval.evaluate import evaluate, prior_records, write_report
+    from .eval.report import plot_bng_hcr, report_markdown
+    prior = prior_records(test, train, seed=0)
+    evals = []
+    for name, path in (("sft", sft_dir), ("hdpo", hdpo_dir)):
+        m, _ = load_for_generation(path)
+        for profile in ("oracle", "prior"):
+            if profile == "oracle":
+                preds = [r["prediction"] for r in report[name]["oracle_rows"]]
+            else:
+                preds = [r["prediction"] for r in generate(m, tok, prior, gen_cfg, progress=progress)]
+            res = evaluate(test, preds, train)
+            write_report(res, os.path.join(out, "eval", f"{name}_{profile}"), name.upper(), profile)
+            evals.append({**res, "title": name.upper(), "profile": profile})
+    with open(os.path.join(out, "metrics.json"), "w", encoding="utf-8") as f:
+        json.dump({"runs": evals}, f, ensure_ascii=False, indent=1)
+    with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as f:
+        f.write(report_markdown(evals))
+    plot_bng_hcr(evals, os.path.join(out, "bng_hcr.png"))
+    import shutil
+    for e in evals:
+        if e["profile"] == "prior":
+            shutil.copy(os.path.join(out, "eval", f"{e['title'].lower()}_prior", "lengths.png"),
+                        os.path.join(out, f"lengths_{e['title'].lower()}.png"))
+
+    # 7. the table
     rows_out = []
     for b in names:
         s, h = report["sft"], report["hdpo"]
@@ -135,16 +165,26 @@ def run_demo(out: str, sft_overrides: list[str] = (), progress: bool = True, *,
     summary = {"seconds": total, "sft_tokens_per_s": sft_result["summary"]["tokens_per_s"],
                "hdpo_tokens_per_s": hdpo_result["summary"]["tokens_per_s"],
                "pairs": dict(counts), "hdpo_final": {k: v for k, v in (hdpo_result["eval_after"] or {}).items()
-                                                     if k != "buckets"}, "report": report}
+                                                     if k != "buckets"},
+               "report": {k: {"loss": v["loss"], "generation": v["generation"]} for k, v in report.items()},
+               "eval_macro": {f"{e['title']} {e['profile']}": e["macro"] for e in evals}}
     with open(os.path.join(out, "demo_summary.json"), "w") as f:
         json.dump(summary, f, indent=1, default=float)
-    say("6/6 done")
+    say("7/7 done")
     print("\nSFT eval loss per bucket, before and after Bucket-Aware SFT:")
     print(eval_table(sft_result["eval_before"], sft_result["eval_after"]))
     print("\nSFT vs HDPO on the test prompts: eval loss (mean token CE), mean band distance of the "
           "generations to the bucket's human support (lower is better), share of generations in "
           "the human length bin:")
     print(table)
+    keys = [("f1", "F1"), ("bng", "BNG"), ("hcr", "HCR"), ("distance", "dist"),
+            ("bin_agreement", "bin"), ("length_w1", "len W1"), ("tdm", "TDM"),
+            ("distinct_2", "dist-2"), ("self_bleu4", "self-BLEU4")]
+    print("\nEvaluation report (macro over buckets; BNG/HCR/dist against TRAIN humans) -> "
+          f"{os.path.join(out, 'report.md')}:")
+    print(format_table(["model (profile)"] + [k[1] for k in keys],
+                       [[f"{e['title']} ({e['profile']})"] + [e["macro"].get(k, float("nan"))
+                                                              for k, _ in keys] for e in evals]))
     before, after = hdpo_result["eval_before"], hdpo_result["eval_after"]
     print(f"\nHDPO on {len(held_out)} held-out pairs: reward accuracy {before['accuracy']:.2f} -> "
           f"{after['accuracy']:.2f}, margin {before['margin']:.3f} -> {after['margin']:.3f}, "

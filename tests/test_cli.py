@@ -80,8 +80,15 @@ def test_demo_pipeline_end_to_end(tmp_path, capsys):
     assert all(after < before for before, after in sft_table.values()), sft_table
     assert "SFT vs HDPO" in out and "held-out pairs" in out
     for name in ("sft/final/config.json", "hdpo/final/config.json", "pairs.jsonl", "references.json",
-                 "test_predictions_hdpo.jsonl", "demo_summary.json"):
+                 "test_predictions_hdpo.jsonl", "demo_summary.json", "report.md", "metrics.json",
+                 "bng_hcr.png", "lengths_sft.png", "lengths_hdpo.png"):
         assert os.path.exists(tmp_path / name), name
+    from polyfast.data import demo_records
+    runs = json.loads((tmp_path / "metrics.json").read_text())["runs"]
+    assert {(r["title"], r["profile"]) for r in runs} == {("SFT", "oracle"), ("SFT", "prior"),
+                                                         ("HDPO", "oracle"), ("HDPO", "prior")}
+    assert all(set(r["buckets"]) == {x.bucket_id for x in demo_records("test")} for r in runs)
+    assert "Evaluation report" in out and "HDPO (prior)" in out
     assert summary["hdpo_tokens_per_s"] > 0 and summary["pairs"]["kept"] > 0
 
 
