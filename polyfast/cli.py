@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
-import time
 from collections import defaultdict
 
 from .errors import PolyfastError
@@ -27,7 +25,7 @@ DEMO_SFT = {
 
 def _cmd_sft(args) -> int:
     from .config import SFTConfig, load_config
-    from .train.sft import SFTTrainer, eval_table
+    from .train.sft import SFTTrainer
 
     cfg = load_config(SFTConfig, args.config, args.overrides)
     result = SFTTrainer(cfg).fit()

@@ -10,7 +10,6 @@ import time
 from collections import defaultdict
 
 import numpy as np
-import torch
 
 from .critic import text_distance, text_references
 from .data import demo_records, length_bin, make_pairs, pair_weights, save_pairs, token_count

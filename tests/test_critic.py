@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from polyfast.critic import (FEATURE_NAMES, References, band_distance, text_features,
+from polyfast.critic import (FEATURE_NAMES, band_distance, text_features,
                              text_references, train_mlp_critic)
-from polyfast.data import demo_records, make_record, make_pairs
+from polyfast.data import demo_records, make_pairs
 
 
 def test_at_least_thirty_language_aware_features():
@@ -70,7 +70,7 @@ def test_mlp_critic_trains_saves_and_loads(tmp_path):
 def test_lm_features_come_from_joint_logprobs():
     import torch
     from polyfast.config import ModelConfig, TinyModelConfig
-    from polyfast.critic import LM_FEATURE_NAMES, features, response_logprobs
+    from polyfast.critic import LM_FEATURE_NAMES, features
     from polyfast.data import byte_tokenizer, encode_record
     from polyfast.model import load_model
     tok = byte_tokenizer()

@@ -108,7 +108,6 @@ def test_triton_sums_and_gradients_match_the_oracle(M, dtype):
 
 
 def test_triton_token_logprobs_carry_gradients_too():
-    from polyfast.kernels import joint_logprobs_triton
     g = torch.Generator().manual_seed(5)
     h = torch.randn(30, 16, generator=g)
     w = torch.randn(40, 16, generator=g) / 4

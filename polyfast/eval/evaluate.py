@@ -111,11 +111,8 @@ def c_mauve(gen_feats: np.ndarray, hum_feats: np.ndarray, seed: int = 0) -> floa
 
 
 def mauve_available() -> bool:
-    try:
-        import mauve  # noqa: F401
-        return True
-    except ImportError:
-        return False
+    import importlib.util
+    return importlib.util.find_spec("mauve") is not None
 
 
 def evaluate(records: Sequence[Record], preds: Sequence[str], train: Sequence[Record], *,

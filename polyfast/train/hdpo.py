@@ -11,7 +11,6 @@ so micro-batching does not change it.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 from collections import Counter
@@ -20,7 +19,7 @@ import numpy as np
 import torch
 
 from ..config import HDPOConfig
-from ..critic import References, band_distance, feature_matrix, FEATURE_NAMES
+from ..critic import FEATURE_NAMES, References, feature_matrix
 from ..data import load_pairs, load_tokenizer
 from ..data.packing import PairExample, collate_pairs, pack_pairs
 from ..data.pairs import PreferencePair
