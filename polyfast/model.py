@@ -90,6 +90,22 @@ def logit_softcap(model) -> float | None:
     return getattr(model.config, "final_logit_softcapping", None) or None
 
 
+class TrunkHead(torch.nn.Module):
+    """Runs the trunk and hands (hidden states, head weight) to ``fn`` inside one forward, so that
+    a sharded (FSDP2) policy has its embedding / head gathered while the loss kernel reads them.
+    Unsharded, it is a plain call."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, batch, fn, autocast=None):
+        import contextlib
+        with autocast or contextlib.nullcontext():
+            hidden = hidden_states(self.lm, batch)  # (B*T, H)
+        return fn(hidden, head_weight(self.lm))
+
+
 def hidden_states(model, batch) -> torch.Tensor:
     """The trunk's last hidden states of a batch, flattened: (B*T, H)."""
     out = model.model(**batch.model_inputs(), use_cache=False)

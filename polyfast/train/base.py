@@ -17,8 +17,9 @@ from tqdm.auto import tqdm
 
 from ..config import save_config
 from ..errors import ConfigError
-from ..model import resolve_device
+from ..model import TrunkHead, resolve_device
 from .checkpoint import export_pretrained, list_checkpoints, load_checkpoint, save_checkpoint
+from .distributed import all_reduce_sum, full_state_dict, init_distributed, shard_model
 from .metrics import MetricsLog
 from .optim import build_optimizer, cosine_with_warmup
 
@@ -27,16 +28,25 @@ class Trainer:
     name = "train"
 
     def __init__(self, cfg, tokenizer, model):
-        """``cfg`` has ``run_dir``, ``seed``, ``model`` and ``train``; ``model`` is the policy."""
+        """``cfg`` has ``run_dir``, ``seed``, ``model`` and ``train``; ``model`` is the policy
+        (``setup_device`` has run). Under torchrun the policy is sharded with FSDP2 here."""
         self.cfg = cfg
         t = cfg.train
         if t.grad_accum < 1:
             raise ConfigError("train.grad_accum", "must be >= 1")
         self.tokenizer = tokenizer
+        self.grad_scale = 1.0
+        self.runner = TrunkHead(model)  # trunk + loss in one forward (what FSDP2 shards)
+        if self.dist.enabled:
+            if t.save_every or t.resume:
+                raise ConfigError("train.save_every", "multi-process runs do not write resumable "
+                                  "checkpoints yet; only the final export")
+            shard_model(self.runner, self.device, cfg.model.dtype == "auto")
+            self.grad_scale = float(self.dist.world)  # FSDP averages; the step loss is a sum
         self.model = model
         self._pack_cache: dict[int, list] = {}
         self.optimizer = build_optimizer(self.model, t.lr, t.weight_decay, t.betas)
-        self.steps_per_epoch = math.ceil(len(self._packs(0)) / t.grad_accum)
+        self.steps_per_epoch = math.ceil(len(self._packs(0)) / (t.grad_accum * self.dist.world))
         self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * self.steps_per_epoch))
         self.scheduler = cosine_with_warmup(self.optimizer, self.total_steps,
                                             int(t.warmup_ratio * self.total_steps), t.min_lr_ratio)
@@ -45,18 +55,21 @@ class Trainer:
                          if self.device.type == "cuda" and cfg.model.dtype == "auto"
                          else contextlib.nullcontext())
 
-    @staticmethod
-    def setup_device(train_cfg) -> torch.device:
+    def setup_device(self, train_cfg) -> torch.device:
+        """Threads, device and (under torchrun) the process group; sets ``self.dist``."""
         if train_cfg.num_threads:
             torch.set_num_threads(train_cfg.num_threads)
-        return resolve_device(train_cfg.device)
+        self.dist, device = init_distributed(resolve_device(train_cfg.device))
+        return device
 
     # -- to be provided ---------------------------------------------------------------------
     def make_packs(self, seed: int) -> list:
         raise NotImplementedError
 
-    def forward_backward(self, packs: list) -> dict:
-        """Accumulate the step's gradients; return at least {"loss": tensor, "tokens": int}."""
+    def forward_backward(self, packs: list, step_packs: list | None = None) -> dict:
+        """Accumulate this rank's gradients for ``packs``, normalised by the totals of
+        ``step_packs`` (all ranks' packs of the step; default ``packs``); return at least
+        {"loss": tensor, "tokens": int}."""
         raise NotImplementedError
 
     def evaluate(self) -> dict:
@@ -76,17 +89,22 @@ class Trainer:
         return self._pack_cache[epoch]
 
     def step_packs(self, step: int) -> list:
+        """All ranks' packs of a step (grad_accum per rank)."""
         epoch, k = divmod(step, self.steps_per_epoch)
-        ga = self.cfg.train.grad_accum
-        return self._packs(epoch)[k * ga:(k + 1) * ga]
+        n = self.cfg.train.grad_accum * self.dist.world
+        return self._packs(epoch)[k * n:(k + 1) * n]
 
     # -- one optimizer step -----------------------------------------------------------------
     def train_step(self, packs: list) -> dict:
-        """forward_backward, gradient clipping, update, schedule."""
-        out = self.forward_backward(packs)
+        """forward_backward of this rank's share, gradient clipping, update, schedule."""
+        out = self.forward_backward(packs[self.dist.rank::self.dist.world], packs)
+        if self.dist.enabled:  # the step's loss and tokens over all ranks, for logging
+            out["loss"] = all_reduce_sum(out["loss"], self.dist)
+            out["tokens"] = int(all_reduce_sum(torch.tensor(float(out["tokens"]), device=self.device),
+                                               self.dist))
         clip = self.cfg.train.grad_clip
-        out["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
-                                                          clip if clip else float("inf"))
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip else float("inf"))
+        out["grad_norm"] = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -113,21 +131,23 @@ class Trainer:
     # -- the run ------------------------------------------------------------------------------
     def fit(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
+        main = self.dist.main
         os.makedirs(cfg.run_dir, exist_ok=True)
-        save_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
+        if main:
+            save_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
         resumed = t.resume and self.resume()
         if not resumed:
             random.seed(cfg.seed)
             np.random.seed(cfg.seed)
             torch.manual_seed(cfg.seed)
-        metrics = MetricsLog(cfg.run_dir, resume=resumed)
+        metrics = MetricsLog(cfg.run_dir, resume=resumed, enabled=main)
         if not resumed:
             metrics.write({"event": "data", **self.start_row()})
         eval_before = self.evaluate() if not resumed else {}
         if eval_before:
             metrics.write({"event": "eval", "step": self.step, **eval_before})
         bar = tqdm(total=self.total_steps, initial=self.step, desc=self.name, unit="step",
-                   disable=not t.progress, dynamic_ncols=True)
+                   disable=not (t.progress and main), dynamic_ncols=True)
         tokens = 0
         t0 = time.perf_counter()
         last: dict = {}
@@ -150,7 +170,7 @@ class Trainer:
         eval_after = self.evaluate()
         if eval_after:
             metrics.write({"event": "eval", "step": self.step, **eval_after})
-        export = export_pretrained(self.model, self.tokenizer, os.path.join(cfg.run_dir, "final"))
+        export = self.export(os.path.join(cfg.run_dir, "final"))
         summary = {"event": "summary", "steps": self.step, "train_seconds": train_time,
                    "tokens": tokens, "tokens_per_s": tokens / max(train_time, 1e-9),
                    "final_loss": last.get("loss"), "export": export, **self.summary_extra()}
@@ -159,3 +179,16 @@ class Trainer:
 
     def summary_extra(self) -> dict:
         return {}
+
+    def export(self, out_dir: str) -> str:
+        """save_pretrained + tokenizer; a sharded policy is gathered and written by rank 0."""
+        if not self.dist.enabled:
+            return export_pretrained(self.model, self.tokenizer, out_dir)
+        sd = full_state_dict(self.runner, self.dist)
+        if self.dist.main:
+            from transformers import AutoModelForCausalLM
+            plain = AutoModelForCausalLM.from_config(self.model.config)
+            plain.load_state_dict({k.removeprefix("lm."): v for k, v in sd.items()})
+            export_pretrained(plain, self.tokenizer, out_dir)
+        torch.distributed.barrier()
+        return out_dir

@@ -94,7 +94,7 @@ class HDPOTrainer(Trainer):
             self.critic = _frozen(cfg.model, h.critic_model or cfg.model.path, tokenizer,
                                   self.device)
         super().__init__(cfg, tokenizer, model)
-        self.dist = {"train": self._distances(self.pairs, "train"),
+        self.distances = {"train": self._distances(self.pairs, "train"),
                      "val": self._distances(self.val_pairs, "val")}
         self.ref_cache = None
         if h.reference == "precomputed":
@@ -181,18 +181,29 @@ class HDPOTrainer(Trainer):
         return pack_pairs(self.examples, self.cfg.data.max_tokens, seed=seed)
 
     def _logps(self, pack, models, grads):
+        """Per-segment log-prob sums (M, 2P) of ``models`` over a pack; the policy (when it is
+        models[0]) runs through the runner, so a sharded policy is gathered for the kernel."""
         batch, seg = collate_pairs(pack, self.bucket_names)
         batch, seg = batch.to(self.device), seg.to(self.device)
         targets = shift_left(batch.labels, -100)[0]
         seg = shift_left(seg[None], -1)[0]
-        hiddens = []
-        for m, g in zip(models, grads):
-            with self.autocast, torch.set_grad_enabled(g):
-                hiddens.append(hidden_states(m, batch))
-        sums, counts = joint_logprobs(hiddens, [head_weight(m) for m in models], targets, seg,
-                                      2 * len(pack), softcaps=[logit_softcap(m) for m in models],
-                                      requires_grad=grads, backend=self.cfg.hdpo.loss_backend)
-        return sums, counts
+
+        def joint(first_hidden, first_weight):
+            hiddens, weights = [first_hidden], [first_weight]
+            for m in models[1:]:  # frozen: reference, critic
+                with self.autocast, torch.no_grad():
+                    hiddens.append(hidden_states(m, batch))
+                weights.append(head_weight(m))
+            return joint_logprobs(hiddens, weights, targets, seg, 2 * len(pack),
+                                  softcaps=[logit_softcap(m) for m in models], requires_grad=grads,
+                                  backend=self.cfg.hdpo.loss_backend)
+
+        if models[0] is self.model:
+            with torch.set_grad_enabled(grads[0]):
+                return self.runner(batch, joint, self.autocast)
+        with self.autocast, torch.no_grad():
+            first = hidden_states(models[0], batch)
+        return joint(first, head_weight(models[0]))
 
     def _pack_loss(self, pack, split: str, weight_sum, num_pairs, train: bool):
         h = self.cfg.hdpo
@@ -212,7 +223,7 @@ class HDPOTrainer(Trainer):
             pos = self._positions[split]
             cached = self.ref_cache[split][[pos[i] for i in idx]].to(self.device)
             rc, rr = cached[:, 0], cached[:, 1]
-        dist = self.dist[split]
+        dist = self.distances[split]
         if h.distance == "lm":
             nll = -sums[-1] / counts.clamp(min=1)  # (2P,) the critic's mean NLL per side
             q10, q90, scale = (t[idx].to(self.device) for t in dist)
@@ -233,16 +244,17 @@ class HDPOTrainer(Trainer):
                          "val": {p.index: k for k, p in enumerate(self.val_examples)}}
         return self._pos
 
-    def forward_backward(self, packs) -> dict:
+    def forward_backward(self, packs, step_packs=None) -> dict:
         self.model.train()
-        weight_sum = sum(self.pairs[p.index].weight for pack in packs for p in pack)
-        num_pairs = sum(len(pack) for pack in packs)
+        step_packs = step_packs or packs  # the step's totals span all ranks' packs
+        weight_sum = sum(self.pairs[p.index].weight for pack in step_packs for p in pack)
+        num_pairs = sum(len(pack) for pack in step_packs)
         loss_total = torch.zeros((), device=self.device)
         per_pair = {k: [] for k in METRICS}
         buckets, tokens = [], 0
         for pack in packs:
             loss, m = self._pack_loss(pack, "train", weight_sum, num_pairs, train=True)
-            loss.backward()
+            (loss * self.grad_scale).backward()
             loss_total += loss.detach()
             for k in METRICS:
                 per_pair[k].append(m[k])

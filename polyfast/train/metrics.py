@@ -10,12 +10,15 @@ import time
 class MetricsLog:
     """Appends one JSON object per line to ``run_dir/metrics.jsonl``."""
 
-    def __init__(self, run_dir: str, resume: bool = False):
+    def __init__(self, run_dir: str, resume: bool = False, enabled: bool = True):
         self.path = os.path.join(run_dir, "metrics.jsonl")
-        if not resume and os.path.exists(self.path):
+        self.enabled = enabled  # only rank 0 writes in a multi-process run
+        if enabled and not resume and os.path.exists(self.path):
             os.remove(self.path)
 
     def write(self, row: dict) -> None:
+        if not self.enabled:
+            return
         row = {"time": round(time.time(), 3), **row}
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -21,7 +21,7 @@ from ..data.packing import example_mass
 from ..data.tokenize import fit_length
 from ..errors import ConfigError
 from ..losses import bucket_sft_loss
-from ..model import head_weight, hidden_states, load_model, logit_softcap
+from ..model import load_model, logit_softcap
 from .base import Trainer
 from .metrics import format_table
 
@@ -114,19 +114,17 @@ class SFTTrainer(Trainer):
 
     # -- one micro-batch --------------------------------------------------------------------
     def micro_loss(self, batch, normalizer: float):
-        with self.autocast:
-            hidden = hidden_states(self.model, batch)  # (B*T, H)
-        weight = head_weight(self.model)
-        return bucket_sft_loss(hidden, weight, batch.labels, batch.token_weights,
-                               normalizer, softcap=self.softcap,
-                               backend=self.cfg.train.loss_backend)
+        def loss(hidden, weight):  # hidden (B*T, H), weight (V, H)
+            return bucket_sft_loss(hidden, weight, batch.labels, batch.token_weights, normalizer,
+                                   softcap=self.softcap, backend=self.cfg.train.loss_backend)
+        return self.runner(batch, loss, self.autocast)
 
-    def forward_backward(self, packs: list[list[Example]]) -> dict:
-        """Forward/backward every micro-batch of a step, each normalised by the step's total mass,
-        so the accumulated gradient is that of METHOD.md's step loss."""
+    def forward_backward(self, packs: list[list[Example]], step_packs=None) -> dict:
+        """Forward/backward every micro-batch, each normalised by the step's total mass (over all
+        ranks' packs), so the accumulated gradient is that of METHOD.md's step loss."""
         self.model.train()
         weighting = self.cfg.data.weighting
-        normalizer = sum(example_mass(ex, weighting) for p in packs for ex in p)
+        normalizer = sum(example_mass(ex, weighting) for p in (step_packs or packs) for ex in p)
         index = {b: i for i, b in enumerate(self.data.bucket_names)}
         bucket_sum = torch.zeros(len(index), device=self.device)
         bucket_mass = torch.zeros(len(index))
@@ -135,7 +133,7 @@ class SFTTrainer(Trainer):
         for pack in packs:
             batch = self.batch(pack)
             loss, per_token = self.micro_loss(batch, normalizer)
-            loss.backward()
+            (loss * self.grad_scale).backward()
             loss_total += loss.detach()
             # per_token sits at the predicting position, which shares its example (and bucket)
             # with the target wherever per_token is non-zero
@@ -158,7 +156,7 @@ class SFTTrainer(Trainer):
         return per_bucket_loss(self.model, examples, self.data.bucket_names, self.cfg.data.max_tokens,
                                backend=self.cfg.train.loss_backend, autocast=self.autocast,
                                packed=self.packed, batch_size=self.cfg.data.batch_size,
-                               pad_id=self.tokenizer.pad_token_id or 0)
+                               pad_id=self.tokenizer.pad_token_id or 0, runner=self.runner)
 
     def start_row(self) -> dict:
         return {"train_examples": len(self.data.train), "val_examples": len(self.data.val),
@@ -176,11 +174,13 @@ class SFTTrainer(Trainer):
 @torch.no_grad()
 def per_bucket_loss(model, examples: list[Example], bucket_names: list[str], max_tokens: int, *,
                     backend: str = "auto", autocast=None, packed: bool = True, batch_size: int = 4,
-                    pad_id: int = 0) -> dict:
+                    pad_id: int = 0, runner=None) -> dict:
     """The mean over each bucket's examples of their mean response-token CE; macro and mean too."""
-    import contextlib
+    from ..model import TrunkHead
     if not examples:
         return {}
+    runner = runner or TrunkHead(model)
+    softcap = logit_softcap(model)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -190,10 +190,8 @@ def per_bucket_loss(model, examples: list[Example], bucket_names: list[str], max
     for pack in packs:
         batch = collate(pack, bucket_names, weighting="example", padded=not packed,
                         pad_id=pad_id).to(device)  # omega = 1 / T_i
-        with autocast or contextlib.nullcontext():
-            hidden = hidden_states(model, batch)
-        _, per_token = bucket_sft_loss(hidden, head_weight(model), batch.labels, batch.token_weights,
-                                       1.0, softcap=logit_softcap(model), backend=backend)
+        _, per_token = runner(batch, lambda h, w: bucket_sft_loss(
+            h, w, batch.labels, batch.token_weights, 1.0, softcap=softcap, backend=backend), autocast)
         sums.index_add_(0, batch.bucket_ids.clamp(min=0), per_token.float())
     model.train(was_training)
     counts = Counter(ex.bucket for ex in examples)
