@@ -71,30 +71,6 @@ def _check(hiddens, weights, targets, segment_ids, softcaps, requires_grad):
 if HAS_TRITON:
 
     @triton.jit
-    def _row_stats(h_ptr, w_ptr, y, rows, row_ok, V, H, stride_h, stride_w, softcap,
-                   HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                   BLOCK_H: tl.constexpr, EVEN_H: tl.constexpr, DOT_PRECISION: tl.constexpr):
-        # over the whole vocabulary: running max m, off-target sum-exp s (relative to m), target z
-        m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
-        s = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        zt = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for v0 in range(0, V, BLOCK_V):
-            cols = v0 + tl.arange(0, BLOCK_V)
-            col_ok = cols < V
-            z = _lce._logit_tile(h_ptr, w_ptr, rows, cols, row_ok, col_ok, H, stride_h, stride_w,
-                                 BLOCK_N, BLOCK_V, BLOCK_H, EVEN_H, DOT_PRECISION)
-            if HAS_SOFTCAP:
-                z = softcap * _lce._tanh(z / softcap)
-            z = tl.where(col_ok[None, :], z, float("-inf"))
-            is_target = cols[None, :] == y[:, None]
-            m_new = tl.maximum(m, tl.max(z, axis=1))
-            e = tl.where(is_target, 0.0, tl.exp(z - m_new[:, None]))
-            s = s * tl.exp(m - m_new) + tl.sum(e, axis=1)
-            m = m_new
-            zt += tl.sum(tl.where(is_target, z, 0.0), axis=1)
-        return m, s, zt
-
-    @triton.jit
     def _joint_fwd_kernel(h0, w0, H0, sh0, sw0, cap0, h1, w1, H1, sh1, sw1, cap1,
                           h2, w2, H2, sh2, sw2, cap2, y_ptr, seg_ptr, lp_ptr, ce_ptr, lse_ptr,
                           sums_ptr, N, V, S, NUM_MODELS: tl.constexpr, CAP0: tl.constexpr,
@@ -118,15 +94,15 @@ if HAS_TRITON:
             s = tl.zeros((BLOCK_N,), dtype=tl.float32)
             zt = tl.zeros((BLOCK_N,), dtype=tl.float32)
             if pid_m == 0:
-                m, s, zt = _row_stats(h0, w0, y, rows, row_ok, V, H0, sh0, sw0, cap0, CAP0,
+                m, s, zt = _lce._row_stats(h0, w0, y, rows, row_ok, 0, V, H0, sh0, sw0, cap0, CAP0,
                                       BLOCK_N, BLOCK_V, BLOCK_H, EVEN0, DOT_PRECISION)
             if NUM_MODELS > 1:
                 if pid_m == 1:
-                    m, s, zt = _row_stats(h1, w1, y, rows, row_ok, V, H1, sh1, sw1, cap1, CAP1,
+                    m, s, zt = _lce._row_stats(h1, w1, y, rows, row_ok, 0, V, H1, sh1, sw1, cap1, CAP1,
                                           BLOCK_N, BLOCK_V, BLOCK_H, EVEN1, DOT_PRECISION)
             if NUM_MODELS > 2:
                 if pid_m == 2:
-                    m, s, zt = _row_stats(h2, w2, y, rows, row_ok, V, H2, sh2, sw2, cap2, CAP2,
+                    m, s, zt = _lce._row_stats(h2, w2, y, rows, row_ok, 0, V, H2, sh2, sw2, cap2, CAP2,
                                           BLOCK_N, BLOCK_V, BLOCK_H, EVEN2, DOT_PRECISION)
             # CE = lse - z_y = log1p(s exp(m - z_y)); log1p(r) = log(u) r / (u - 1), u = 1 + r,
             # exact in fp32 (no libdevice needed)

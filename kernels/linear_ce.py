@@ -117,6 +117,31 @@ if HAS_TRITON:
         return acc
 
     @triton.jit
+    def _row_stats(h_ptr, w_ptr, y, rows, row_ok, v_start, v_end, H, stride_h, stride_w, softcap,
+                   HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                   BLOCK_H: tl.constexpr, EVEN_H: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        # over vocabulary columns [v_start, v_end): running max m, the sum-exp of the off-target
+        # logits relative to m, and the target logit (0 when the target is outside the range)
+        m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+        s = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        zt = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for v0 in range(v_start, v_end, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            col_ok = cols < v_end
+            z = _logit_tile(h_ptr, w_ptr, rows, cols, row_ok, col_ok, H, stride_h, stride_w,
+                            BLOCK_N, BLOCK_V, BLOCK_H, EVEN_H, DOT_PRECISION)
+            if HAS_SOFTCAP:
+                z = softcap * _tanh(z / softcap)
+            z = tl.where(col_ok[None, :], z, float("-inf"))
+            is_target = cols[None, :] == y[:, None]
+            m_new = tl.maximum(m, tl.max(z, axis=1))
+            e = tl.where(is_target, 0.0, tl.exp(z - m_new[:, None]))
+            s = s * tl.exp(m - m_new) + tl.sum(e, axis=1)
+            m = m_new
+            zt += tl.sum(tl.where(is_target, z, 0.0), axis=1)
+        return m, s, zt
+
+    @triton.jit
     def _fwd_kernel(h_ptr, w_ptr, y_ptr, m_ptr, s_ptr, zt_ptr, N, V, H, stride_h, stride_w,
                     v_per_split, softcap, IGNORE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -134,21 +159,10 @@ if HAS_TRITON:
         zt = tl.zeros((BLOCK_N,), dtype=tl.float32)
         if tl.max(scored.to(tl.int32), axis=0) > 0:
             v_start = pid_s * v_per_split
-            v_end = tl.minimum(v_start + v_per_split, V)
-            for v0 in range(v_start, v_end, BLOCK_V):
-                cols = v0 + tl.arange(0, BLOCK_V)
-                col_ok = cols < v_end
-                z = _logit_tile(h_ptr, w_ptr, rows, cols, row_ok, col_ok, H, stride_h, stride_w,
-                                BLOCK_N, BLOCK_V, BLOCK_H, EVEN_H, DOT_PRECISION)
-                if HAS_SOFTCAP:
-                    z = softcap * _tanh(z / softcap)
-                z = tl.where(col_ok[None, :], z, float("-inf"))
-                is_target = cols[None, :] == y[:, None]
-                m_new = tl.maximum(m, tl.max(z, axis=1))
-                e = tl.where(is_target, 0.0, tl.exp(z - m_new[:, None]))
-                s = s * tl.exp(m - m_new) + tl.sum(e, axis=1)
-                m = m_new
-                zt += tl.sum(tl.where(is_target, z, 0.0), axis=1)
+            m, s, zt = _row_stats(h_ptr, w_ptr, y, rows, row_ok, v_start,
+                                  tl.minimum(v_start + v_per_split, V), H, stride_h, stride_w,
+                                  softcap, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_H, EVEN_H,
+                                  DOT_PRECISION)
         out = pid_s * N + rows
         tl.store(m_ptr + out, m, mask=row_ok)
         tl.store(s_ptr + out, s, mask=row_ok)

@@ -31,13 +31,15 @@ WEIGHTINGS = ("bucket", "example", "token")
 IGNORE_INDEX = -100
 
 
-def _first_fit_decreasing(examples: Sequence[Example], capacity: int) -> list[list[Example]]:
-    order = sorted(examples, key=lambda e: (-len(e), e.record_id))
-    bins: list[list[Example]] = []
+def _first_fit_decreasing(items: Sequence, capacity: int, tie=lambda e: e.record_id) -> list[list]:
+    """Bins of at most ``capacity`` tokens, longest items first (ties broken by ``tie``); items
+    are examples or pairs (anything with a length and a record_id)."""
+    order = sorted(items, key=lambda e: (-len(e), tie(e)))
+    bins: list[list] = []
     free: list[int] = []
     for ex in order:
         if len(ex) > capacity:
-            raise ValueError(f"example {ex.record_id} has {len(ex)} tokens > max_tokens {capacity}; "
+            raise ValueError(f"{ex.record_id} has {len(ex)} tokens > max_tokens {capacity}; "
                              "fit lengths before packing")
         for i, room in enumerate(free):
             if len(ex) <= room:
@@ -198,6 +200,10 @@ class PairExample:
     def bucket(self) -> str:
         return self.chosen.bucket
 
+    @property
+    def record_id(self) -> str:
+        return self.chosen.record_id
+
     def __len__(self) -> int:
         return len(self.chosen) + len(self.rejected)
 
@@ -208,23 +214,8 @@ def pack_pairs(pairs: Sequence[PairExample], max_tokens: int, seed: int | None =
     groups: dict[str, list[PairExample]] = {}
     for p in pairs:
         groups.setdefault(p.bucket if packing == "bucket" else "", []).append(p)
-    packs = []
-    for key in sorted(groups):
-        order = sorted(groups[key], key=lambda p: (-len(p), p.index))
-        bins: list[list[PairExample]] = []
-        free: list[int] = []
-        for p in order:
-            if len(p) > max_tokens:
-                raise ValueError(f"pair {p.chosen.record_id} has {len(p)} tokens > {max_tokens}")
-            for i, room in enumerate(free):
-                if len(p) <= room:
-                    bins[i].append(p)
-                    free[i] -= len(p)
-                    break
-            else:
-                bins.append([p])
-                free.append(max_tokens - len(p))
-        packs += bins
+    packs = [p for key in sorted(groups)
+             for p in _first_fit_decreasing(groups[key], max_tokens, tie=lambda p: p.index)]
     if seed is not None:
         random.Random(seed).shuffle(packs)
     return packs

@@ -18,9 +18,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
-from ..errors import DataError
-from .records import (LoadReport, Record, _history, _iter_rows, _meta_fields, _str, _weight,
-                      make_record)
+from .records import Record, _history, _meta_fields, _str, _weight, make_record, read_rows
 
 PAIR_BIAS = {"global": 0.0, "distribution": 1.0, "local": 0.5}
 
@@ -95,28 +93,8 @@ def load_pairs(path: str | os.PathLike, *, skip_bad_rows: bool = False,
                legacy_tokens: bool = False) -> list[PreferencePair]:
     """Read preference pairs (polyfast JSONL or the authors' HDPO export); bad rows raise DataError
     naming file and row (or are skipped and counted with ``skip_bad_rows``)."""
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise DataError("no such file", path)
-    stem = os.path.splitext(os.path.basename(path))[0]
-    report = LoadReport(path)
-    pairs, seen = [], {}
-    for row_no, row in _iter_rows(path, skip_bad_rows, report):
-        report.rows += 1
-        try:
-            pair = _parse_pair(row, f"{stem}:{row_no}", legacy_tokens)
-            if pair.id in seen:
-                raise ValueError(f"duplicate id {pair.id!r} (first at row {seen[pair.id]})")
-        except ValueError as e:
-            if not skip_bad_rows:
-                raise DataError(str(e), path, row_no) from None
-            report.skipped[str(e)[:60]] += 1
-            continue
-        seen[pair.id] = row_no
-        pairs.append(pair)
-    if not pairs:
-        raise DataError("no usable pairs", path)
-    return pairs
+    return read_rows(path, lambda row, default_id: _parse_pair(row, default_id, legacy_tokens),
+                     skip_bad_rows=skip_bad_rows, kind="pairs")[0]
 
 
 def save_pairs(pairs: Iterable[PreferencePair], path: str) -> None:

@@ -287,23 +287,22 @@ def _reason(message: str) -> str:
     return re.sub(r"\d+|'[^']*'|\"[^\"]*\"", "#", message)[:80]
 
 
-def read_records(path: str | os.PathLike, *, skip_bad_rows: bool = False, legacy_tokens: bool = False,
-                 split: str = "") -> tuple[list[Record], LoadReport]:
-    """Read records and a report of what was kept. See :func:`load_records`."""
+def read_rows(path: str | os.PathLike, parse, *, skip_bad_rows: bool = False, kind: str = "records"):
+    """Parse every row of a .jsonl/.json file with ``parse(row, default_id)`` (which raises
+    ValueError on a bad row) into items with an ``id``; duplicate ids are bad rows too.
+    Returns (items, LoadReport); DataError names file and row unless ``skip_bad_rows``."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise DataError("no such file", path)
     stem = os.path.splitext(os.path.basename(path))[0]
     report = LoadReport(path)
-    records, seen = [], {}
+    items, seen = [], {}
     for row_no, row in _iter_rows(path, skip_bad_rows, report):
         report.rows += 1
         try:
-            rec = make_record(**_parse_row(row, f"{stem}:{row_no}"), legacy_tokens=legacy_tokens)
-            if split and not rec.split:
-                rec = dataclasses.replace(rec, split=split)
-            if rec.id in seen:
-                raise ValueError(f"duplicate id {rec.id!r} (first at row {seen[rec.id]})")
+            item = parse(row, f"{stem}:{row_no}")
+            if item.id in seen:
+                raise ValueError(f"duplicate id {item.id!r} (first at row {seen[item.id]})")
         except ValueError as e:
             if not skip_bad_rows:
                 raise DataError(str(e), path, row_no) from None
@@ -311,16 +310,27 @@ def read_records(path: str | os.PathLike, *, skip_bad_rows: bool = False, legacy
             if len(report.first_errors) < 5:
                 report.first_errors.append(f"{path}:{row_no}: {e}")
             continue
-        seen[rec.id] = row_no
-        report.empty_responses += not rec.response.strip()
-        records.append(rec)
-    report.kept = len(records)
-    if not records:
-        raise DataError(f"no usable records ({report.summary()})", path)
-    if report.empty_responses:
-        log.info("%s: %d records have an empty response", path, report.empty_responses)
+        seen[item.id] = row_no
+        items.append(item)
+    report.kept = len(items)
+    if not items:
+        raise DataError(f"no usable {kind} ({report.summary()})", path)
     if report.skipped:
         log.warning("%s; first: %s", report.summary(), "; ".join(report.first_errors[:3]))
+    return items, report
+
+
+def read_records(path: str | os.PathLike, *, skip_bad_rows: bool = False, legacy_tokens: bool = False,
+                 split: str = "") -> tuple[list[Record], LoadReport]:
+    """Read records and a report of what was kept. See :func:`load_records`."""
+    def parse(row, default_id):
+        rec = make_record(**_parse_row(row, default_id), legacy_tokens=legacy_tokens)
+        return dataclasses.replace(rec, split=split) if split and not rec.split else rec
+
+    records, report = read_rows(path, parse, skip_bad_rows=skip_bad_rows)
+    report.empty_responses = sum(not r.response.strip() for r in records)
+    if report.empty_responses:
+        log.info("%s: %d records have an empty response", report.path, report.empty_responses)
     return records, report
 
 
