@@ -19,7 +19,7 @@ contributes ``sum_t omega_t * CE_t`` and the step divides by the sum of m_i over
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -113,7 +113,6 @@ class Batch:
     cu_seqlens: torch.Tensor | None = None
     max_seqlen: int = 0
     attention_mask: torch.Tensor | None = None
-    record_ids: list[str] = field(default_factory=list)
 
     @property
     def packed(self) -> bool:
@@ -157,7 +156,7 @@ def collate(pack: Sequence[Example], bucket_names: Sequence[str], *, weighting: 
         lens.append(n)
     mass = sum(example_mass(ex, weighting) for ex in pack)
     common = dict(bucket_names=list(bucket_names), mass=mass, num_examples=len(pack),
-                  num_tokens=sum(lens), record_ids=[ex.record_id for ex in pack])
+                  num_tokens=sum(lens))
     if not padded:
         flat = lambda rows: [x for r in rows for x in r]  # noqa: E731
         cu = torch.tensor([0] + lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
