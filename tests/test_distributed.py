@@ -1,7 +1,9 @@
-"""Two processes (gloo on CPU, FSDP2-sharded policy) give the losses of one process."""
+"""Two processes (gloo on CPU, FSDP2-sharded policy) give the losses of one process, and a
+checkpoint written by two processes resumes in one."""
 
 import json
 import os
+import shutil
 import socket
 
 import pytest
@@ -9,6 +11,7 @@ import torch
 import torch.multiprocessing as mp
 
 STEPS = 5
+SAVE = {"train.save_every": 3}  # a DCP checkpoint after step 3
 
 
 def _free_port() -> int:
@@ -17,39 +20,38 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _losses(run_dir):
+def _losses(run_dir) -> dict[int, float]:
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
-    return [r["loss"] for r in rows if r.get("event") == "train"]
+    return {r["step"]: r["loss"] for r in rows if r.get("event") == "train"}
 
 
-def _trainer(kind, run_dir, grad_accum, sft_path=None):
+def _trainer(kind, run_dir, grad_accum, sft_path=None, over=None):
     from polyfast.config import HDPOConfig, load_config, SFTConfig
     from polyfast.data import byte_tokenizer
+    common = {"run_dir": run_dir, "train.max_steps": STEPS, "train.log_every": 1,
+              "train.grad_accum": grad_accum, "train.num_threads": 1, "train.progress": False,
+              **(over or {})}
     if kind == "sft":
         from polyfast.train.sft import SFTTrainer
         from tests.test_sft import TINY, _data
         tok = byte_tokenizer()
-        cfg = load_config(SFTConfig, None, [], extra={
-            **TINY, "run_dir": run_dir, "data.max_tokens": 1024, "train.max_steps": STEPS,
-            "train.log_every": 1, "train.grad_accum": grad_accum, "train.num_threads": 1})
+        cfg = load_config(SFTConfig, None, [], extra={**TINY, "data.max_tokens": 1024, **common})
         return SFTTrainer(cfg, data=_data(tok), tokenizer=tok)
     from polyfast.train.hdpo import HDPOTrainer
     from tests.test_hdpo import _pairs
     cfg = load_config(HDPOConfig, None, [], extra={
-        "model.path": sft_path, "run_dir": run_dir, "hdpo.distance": "feature",
-        "hdpo.min_bucket_size": 3, "train.lr": 1e-4, "train.max_steps": STEPS, "train.log_every": 1,
-        "train.grad_accum": grad_accum, "train.progress": False, "train.num_threads": 1,
-        "data.max_tokens": 2048})
+        "model.path": sft_path, "hdpo.distance": "feature", "hdpo.min_bucket_size": 3,
+        "train.lr": 1e-4, "data.max_tokens": 2048, **common})
     return HDPOTrainer(cfg, pairs=_pairs(40, 7))
 
 
-def _worker(rank, world, port, kind, run_dir, sft_path):
+def _worker(rank, world, port, kind, run_dir, sft_path, over):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     try:
-        _trainer(kind, run_dir, 1, sft_path).fit()
+        _trainer(kind, run_dir, 1, sft_path, over).fit()
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -61,20 +63,52 @@ def sft_export(tmp_path_factory):
     return tr.fit()["summary"]["export"]
 
 
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory, sft_export):
+    """The run directory of a 2-process run of each kind (made once)."""
+    runs = {}
+
+    def run(kind, over=None):
+        key = (kind, json.dumps(over or {}, sort_keys=True))
+        if key not in runs:
+            run_dir = str(tmp_path_factory.mktemp(f"two_{kind}") / "run")
+            mp.spawn(_worker, args=(2, _free_port(), kind, run_dir, sft_export, over), nprocs=2,
+                     join=True)
+            runs[key] = run_dir
+        return runs[key]
+    return run
+
+
 @pytest.mark.parametrize("kind", ["sft", "hdpo"])
-def test_two_processes_match_one(kind, tmp_path, sft_export):
+def test_two_processes_match_one(kind, tmp_path, sft_export, two_process_run):
     one = _trainer(kind, str(tmp_path / "one"), 2, sft_export)  # 2 packs per step, as 2 ranks x 1
     one.fit()
     expected = _losses(one.cfg.run_dir)
-    two = str(tmp_path / "two")
-    mp.spawn(_worker, args=(2, _free_port(), kind, two, sft_export), nprocs=2, join=True)
+    two = two_process_run(kind, SAVE if kind == "sft" else None)
     got = _losses(two)
-    assert len(got) == len(expected) == STEPS
-    for step, (a, b) in enumerate(zip(got, expected), start=1):
-        assert a == pytest.approx(b, rel=1e-5, abs=1e-6), (step, got, expected)
+    assert sorted(got) == sorted(expected) == list(range(1, STEPS + 1))
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), (step, got, expected)
     # the export gathered on rank 0 loads and equals the single-process model's
     from transformers import AutoModelForCausalLM
     m1 = AutoModelForCausalLM.from_pretrained(os.path.join(one.cfg.run_dir, "final"))
     m2 = AutoModelForCausalLM.from_pretrained(os.path.join(two, "final"))
     for (n, p1), p2 in zip(m1.state_dict().items(), m2.state_dict().values()):
         assert (p1 - p2).abs().max() <= 1e-5 * max(p1.abs().max(), 1e-6) + 1e-7, n
+
+
+def test_a_two_process_checkpoint_resumes_in_one_process(tmp_path, two_process_run):
+    two = two_process_run("sft", SAVE)
+    run = tmp_path / "resumed"
+    shutil.copytree(os.path.join(two, "checkpoints"), run / "checkpoints")
+    (ckpt,) = os.listdir(run / "checkpoints")
+    with open(run / "checkpoints" / ckpt / "trainer_state.json") as f:
+        state = json.load(f)
+    assert (state["step"], state["world_size"]) == (3, 2)
+    # one process, two packs per step: the same steps as two ranks with one pack each
+    resumed = _trainer("sft", str(run), 2, over={**SAVE, "train.resume": True})
+    resumed.fit()
+    got, expected = _losses(str(run)), _losses(two)
+    assert sorted(got) == [4, 5]
+    for step in got:  # the optimizer state came back too: step 5 depends on Adam's moments
+        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), (step, got, expected)

@@ -38,9 +38,6 @@ class Trainer:
         self.grad_scale = 1.0
         self.runner = TrunkHead(model)  # trunk + loss in one forward (what FSDP2 shards)
         if self.dist.enabled:
-            if t.save_every or t.resume:
-                raise ConfigError("train.save_every", "multi-process runs do not write resumable "
-                                  "checkpoints yet; only the final export")
             shard_model(self.runner, self.device, cfg.model.dtype == "auto")
             self.grad_scale = float(self.dist.world)  # FSDP averages; the step loss is a sum
         self.model = model
@@ -113,7 +110,7 @@ class Trainer:
 
     # -- checkpoints --------------------------------------------------------------------------
     def save(self) -> str:
-        return save_checkpoint(self.cfg.run_dir, self.step, self.model, self.optimizer,
+        return save_checkpoint(self.cfg.run_dir, self.step, self.runner, self.optimizer,
                                self.scheduler, {"total_steps": self.total_steps},
                                keep=self.cfg.train.keep_checkpoints)
 
@@ -121,7 +118,7 @@ class Trainer:
         ckpts = list_checkpoints(self.cfg.run_dir)
         if not ckpts:
             return False
-        state = load_checkpoint(ckpts[-1], self.model, self.optimizer, self.scheduler)
+        state = load_checkpoint(ckpts[-1], self.runner, self.optimizer, self.scheduler)
         if state.get("total_steps") != self.total_steps:
             raise ConfigError("train", f"checkpoint {ckpts[-1]} was made for "
                               f"{state.get('total_steps')} steps, this config makes {self.total_steps}")

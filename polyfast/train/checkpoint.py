@@ -1,8 +1,15 @@
-"""Atomic checkpoints with exact resume, and the final Hugging Face export.
+"""Resumable checkpoints through torch.distributed.checkpoint (DCP), and the final HF export.
 
-A checkpoint is a directory ``checkpoints/step_000123`` holding ``model.safetensors``, the optimizer
-and scheduler state, the RNG states and ``trainer_state.json``. It is written to a temporary
-directory beside it and renamed into place, so a crash never leaves a half-written checkpoint.
+A checkpoint is a directory ``checkpoints/step_000123`` holding the model and optimizer state in DCP's
+format (each rank writes its own shards; keys are the parameters' fully qualified names, so a
+checkpoint loads into any world size: DCP reshards on load), ``train_state.pt`` (scheduler and RNG
+state, from rank 0) and ``trainer_state.json`` (step, total steps, the world size that wrote it).
+Everything is written to a temporary directory beside it and renamed into place by rank 0 after all
+ranks have finished, so a crash never leaves a half-written checkpoint. Several nodes need the run
+directory on a shared filesystem.
+
+``python -m torch.distributed.checkpoint.format_utils dcp_to_torch CKPT out.pt`` turns a checkpoint
+into one ``torch.save`` file; the final export (``save_pretrained``) is what other tools load.
 """
 
 from __future__ import annotations
@@ -11,10 +18,13 @@ import json
 import os
 import random
 import shutil
+import warnings
 
 import numpy as np
 import torch
-from safetensors.torch import load_model, save_model
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 CKPT_DIR = "checkpoints"
 
@@ -35,24 +45,45 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _barrier() -> None:
+    if _distributed():
+        dist.barrier()
+
+
+def _main() -> bool:
+    return not _distributed() or dist.get_rank() == 0
+
+
 def save_checkpoint(run_dir: str, step: int, model, optimizer, scheduler, extra: dict,
                     keep: int = 2) -> str:
+    """A collective under torchrun: every rank calls it with its (sharded) model and optimizer."""
     root = os.path.join(run_dir, CKPT_DIR)
-    os.makedirs(root, exist_ok=True)
     final = os.path.join(root, f"step_{step:06d}")
     tmp = os.path.join(root, f".tmp_step_{step:06d}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    save_model(model, os.path.join(tmp, "model.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": _rng_state()}, os.path.join(tmp, "train_state.pt"))
-    with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-        json.dump({"step": step, **extra}, f, indent=1)
-    if os.path.exists(final):
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    if _main():
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    _barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp, no_dist=not _distributed())
+    if _main():
+        torch.save({"scheduler": scheduler.state_dict(), "rng": _rng_state()},
+                   os.path.join(tmp, "train_state.pt"))
+        world = dist.get_world_size() if _distributed() else 1
+        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+            json.dump({"step": step, "world_size": world, **extra}, f, indent=1)
+    _barrier()  # every rank's shards are on disk
+    if _main():
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
     return final
 
 
@@ -64,12 +95,18 @@ def list_checkpoints(run_dir: str) -> list[str]:
 
 
 def load_checkpoint(path: str, model, optimizer, scheduler) -> dict:
-    """Restore model, optimizer, scheduler and RNG; return trainer_state.json."""
-    load_model(model, os.path.join(path, "model.safetensors"))
-    state = torch.load(os.path.join(path, "train_state.pt"), weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    _set_rng_state(state["rng"])
+    """Restore model, optimizer, scheduler and RNG (into whatever sharding ``model`` has now);
+    return trainer_state.json. A collective under torchrun."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=path, no_dist=not _distributed())
+    set_state_dict(model, optimizer, model_state_dict=state["model"],
+                   optim_state_dict=state["optim"])
+    train_state = torch.load(os.path.join(path, "train_state.pt"), weights_only=False)
+    scheduler.load_state_dict(train_state["scheduler"])
+    _set_rng_state(train_state["rng"])
     with open(os.path.join(path, "trainer_state.json")) as f:
         return json.load(f)
 
