@@ -258,6 +258,9 @@ class HDPOLossConfig:
     critic_model: str | None = None      # the LM critic (default: model.path, the SFT checkpoint)
     min_bucket_size: int = 20
     reference: Literal["live", "precomputed"] = "live"   # frozen reference in memory, or cached
+    # under torchrun: each rank holds whole frozen models (replicate), or they are FSDP2-sharded
+    # like the policy (shard: less memory, one all-gather per layer and forward)
+    frozen: Literal["replicate", "shard"] = "replicate"
     loss_backend: Literal["auto", "triton", "torch", "reference"] = "auto"
 
 

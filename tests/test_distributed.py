@@ -79,12 +79,17 @@ def two_process_run(tmp_path_factory, sft_export):
     return run
 
 
-@pytest.mark.parametrize("kind", ["sft", "hdpo"])
-def test_two_processes_match_one(kind, tmp_path, sft_export, two_process_run):
-    one = _trainer(kind, str(tmp_path / "one"), 2, sft_export)  # 2 packs per step, as 2 ranks x 1
+@pytest.mark.parametrize("kind, over", [
+    ("sft", SAVE),
+    ("hdpo", None),  # reference replicated on each rank
+    ("hdpo", {"hdpo.frozen": "shard", "hdpo.distance": "lm"}),  # reference and LM critic sharded
+], ids=["sft", "hdpo", "hdpo-sharded-frozen"])
+def test_two_processes_match_one(kind, over, tmp_path, sft_export, two_process_run):
+    # one process with 2 packs per step, as 2 ranks with 1 each (hdpo.frozen means nothing there)
+    one = _trainer(kind, str(tmp_path / "one"), 2, sft_export, over)
     one.fit()
     expected = _losses(one.cfg.run_dir)
-    two = two_process_run(kind, SAVE if kind == "sft" else None)
+    two = two_process_run(kind, over)
     got = _losses(two)
     assert sorted(got) == sorted(expected) == list(range(1, STEPS + 1))
     for step in expected:

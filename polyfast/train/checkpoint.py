@@ -14,6 +14,7 @@ into one ``torch.save`` file; the final export (``save_pretrained``) is what oth
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -58,6 +59,14 @@ def _main() -> bool:
     return not _distributed() or dist.get_rank() == 0
 
 
+@contextlib.contextmanager
+def _single_process_quiet():
+    """DCP warns that it "assumes the intent" of a single process; it is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def save_checkpoint(run_dir: str, step: int, model, optimizer, scheduler, extra: dict,
                     keep: int = 2) -> str:
     """A collective under torchrun: every rank calls it with its (sharded) model and optimizer."""
@@ -69,7 +78,9 @@ def save_checkpoint(run_dir: str, step: int, model, optimizer, scheduler, extra:
         os.makedirs(tmp)
     _barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp, no_dist=not _distributed())
+    with _single_process_quiet():
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp,
+                 no_dist=not _distributed())
     if _main():
         torch.save({"scheduler": scheduler.state_dict(), "rng": _rng_state()},
                    os.path.join(tmp, "train_state.pt"))
@@ -99,8 +110,7 @@ def load_checkpoint(path: str, model, optimizer, scheduler) -> dict:
     return trainer_state.json. A collective under torchrun."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    with _single_process_quiet():
         dcp.load(state, checkpoint_id=path, no_dist=not _distributed())
     set_state_dict(model, optimizer, model_state_dict=state["model"],
                    optim_state_dict=state["optim"])

@@ -27,8 +27,9 @@ from ..data.tokenize import encode_record, fit_length
 from ..errors import ConfigError
 from ..kernels import joint_logprobs
 from ..losses import hdpo_loss, shift_left
-from ..model import head_weight, hidden_states, load_model, logit_softcap
+from ..model import TrunkHead, head_weight, hidden_states, load_model, logit_softcap
 from .base import Trainer
+from .distributed import shard_model
 
 log = logging.getLogger("polyfast")
 METRICS = ("rewards_chosen", "rewards_rejected", "accuracy", "margin", "dist_reg", "anchor")
@@ -95,7 +96,15 @@ class HDPOTrainer(Trainer):
                                   self.device)
         super().__init__(cfg, tokenizer, model)
         self.distances = {"train": self._distances(self.pairs, "train"),
-                     "val": self._distances(self.val_pairs, "val")}
+                          "val": self._distances(self.val_pairs, "val")}
+        # the LM critic's bands above are built unsharded; from here on frozen models run through
+        # their own TrunkHead, sharded when hdpo.frozen is "shard"
+        self._frozen_runners: dict[int, TrunkHead] = {}
+        self.frozen_sharded = self.dist.enabled and h.frozen == "shard"
+        if self.frozen_sharded:
+            for frozen in (self.reference, self.critic):
+                if frozen is not None:
+                    shard_model(self._runner(frozen), self.device, cfg.model.dtype == "auto")
         self.ref_cache = None
         if h.reference == "precomputed":
             self.ref_cache = {"train": self._reference_logps(self.examples),
@@ -172,38 +181,57 @@ class HDPOTrainer(Trainer):
                 sums, _ = self._logps(pack, [self.reference], [False])
                 for k, p in enumerate(pack):
                     out[position[p.index]] = sums[0, 2 * k: 2 * k + 2].float().cpu()
-        os.makedirs(self.cfg.run_dir, exist_ok=True)
-        torch.save(out, path)
+        if self.dist.main:  # every rank computed the same values (a sharded reference needs all)
+            os.makedirs(self.cfg.run_dir, exist_ok=True)
+            torch.save(out, path + ".tmp")
+            os.replace(path + ".tmp", path)
+        if self.dist.enabled:
+            torch.distributed.barrier()
         return out
 
     # -- packs and the step ---------------------------------------------------------------------
     def make_packs(self, seed: int):
         return pack_pairs(self.examples, self.cfg.data.max_tokens, seed=seed)
 
+    def _runner(self, model):
+        """The TrunkHead that runs ``model`` (the policy's, or a frozen model's own)."""
+        if model is self.model:
+            return self.runner
+        if id(model) not in self._frozen_runners:
+            self._frozen_runners[id(model)] = TrunkHead(model)
+        return self._frozen_runners[id(model)]
+
     def _logps(self, pack, models, grads):
-        """Per-segment log-prob sums (M, 2P) of ``models`` over a pack; the policy (when it is
-        models[0]) runs through the runner, so a sharded policy is gathered for the kernel."""
+        """Per-segment log-prob sums (M, 2P) of ``models`` over a pack and the segments' token
+        counts (2P,). Each model runs through its TrunkHead, so a sharded model is gathered while
+        the kernel reads its head. Replicated frozen models join models[0]'s ``joint_logprobs``
+        launch; sharded ones gather their own weights, one launch each."""
         batch, seg = collate_pairs(pack, self.bucket_names)
         batch, seg = batch.to(self.device), seg.to(self.device)
         targets = shift_left(batch.labels, -100)[0]
         seg = shift_left(seg[None], -1)[0]
 
-        def joint(first_hidden, first_weight):
-            hiddens, weights = [first_hidden], [first_weight]
-            for m in models[1:]:  # frozen: reference, critic
-                with self.autocast, torch.no_grad():
-                    hiddens.append(hidden_states(m, batch))
-                weights.append(head_weight(m))
-            return joint_logprobs(hiddens, weights, targets, seg, 2 * len(pack),
-                                  softcaps=[logit_softcap(m) for m in models], requires_grad=grads,
-                                  backend=self.cfg.hdpo.loss_backend)
+        def joint(ms, gs):  # the runner hands over models[0]'s hidden states and head weight
+            def fn(first_hidden, first_weight):
+                hiddens, weights = [first_hidden], [first_weight]
+                for m in ms[1:]:
+                    with self.autocast, torch.no_grad():
+                        hiddens.append(hidden_states(m, batch))
+                    weights.append(head_weight(m))
+                return joint_logprobs(hiddens, weights, targets, seg, 2 * len(pack),
+                                      softcaps=[logit_softcap(m) for m in ms], requires_grad=gs,
+                                      backend=self.cfg.hdpo.loss_backend)
+            return fn
 
-        if models[0] is self.model:
-            with torch.set_grad_enabled(grads[0]):
-                return self.runner(batch, joint, self.autocast)
-        with self.autocast, torch.no_grad():
-            first = hidden_states(models[0], batch)
-        return joint(first, head_weight(models[0]))
+        groups = ([([m], [g]) for m, g in zip(models, grads)] if self.frozen_sharded
+                  else [(models, grads)])
+        out = []
+        for ms, gs in groups:
+            with torch.set_grad_enabled(gs[0]):
+                out.append(self._runner(ms[0])(batch, joint(ms, gs), self.autocast))
+        if len(out) == 1:
+            return out[0]
+        return torch.cat([sums for sums, _ in out]), out[0][1]
 
     def _pack_loss(self, pack, split: str, weight_sum, num_pairs, train: bool):
         h = self.cfg.hdpo
