@@ -30,6 +30,7 @@ class TinyModelConfig:
     intermediate_size: int = 352
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = True
+    vocab_size: int | None = None        # default: the tokenizer's (larger: a real model's shape)
 
 
 @dataclass
@@ -37,8 +38,13 @@ class ModelConfig:
     path: str | None = None              # local HF model directory; None builds `tiny`
     tokenizer: str | None = None         # local tokenizer dir; default: `path`, or "byte" for tiny
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    # auto: fp32 weights and optimizer state (the master copy); on CUDA the compute runs in bf16
+    # (autocast in one process, FSDP2 bf16 parameters / fp32 gradient reduction under torchrun).
+    # bfloat16 / float16: the weights and the optimizer state in that dtype (least memory).
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool = False   # recompute each decoder layer in the backward
+    liger: bool = False                  # Liger-Kernel's RMSNorm and SwiGLU/GEGLU modules (CUDA)
+    compile: bool = False                # torch.compile each decoder layer
     trust_remote_code: bool = False
 
 

@@ -35,7 +35,10 @@ def tiny_config(tiny: TinyModelConfig, tokenizer):
     if tiny.hidden_size % tiny.num_heads or tiny.num_heads % tiny.num_kv_heads:
         raise ConfigError("model.tiny", "hidden_size must divide by num_heads, and num_heads by "
                           "num_kv_heads")
-    return cls(vocab_size=len(tokenizer), hidden_size=tiny.hidden_size,
+    vocab = tiny.vocab_size or len(tokenizer)
+    if vocab < len(tokenizer):
+        raise ConfigError("model.tiny.vocab_size", f"{vocab} < the tokenizer's {len(tokenizer)} tokens")
+    return cls(vocab_size=vocab, hidden_size=tiny.hidden_size,
                intermediate_size=tiny.intermediate_size, num_hidden_layers=tiny.num_layers,
                num_attention_heads=tiny.num_heads, num_key_value_heads=tiny.num_kv_heads,
                max_position_embeddings=tiny.max_position_embeddings,
@@ -43,8 +46,11 @@ def tiny_config(tiny: TinyModelConfig, tokenizer):
                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
 
 
-def load_model(cfg: ModelConfig, tokenizer, *, packed: bool = True, seed: int = 0):
-    """The causal LM: from ``cfg.path`` (safetensors only) or randomly initialised from ``cfg.tiny``.
+def load_model(cfg: ModelConfig, tokenizer, *, packed: bool = True, seed: int = 0,
+               device: torch.device | None = None):
+    """The causal LM: from ``cfg.path`` (safetensors only) or randomly initialised from ``cfg.tiny``,
+    on ``device`` (default: left on the CPU), with the GPU path's options of ``cfg`` applied
+    (Liger modules, activation checkpointing, compiled decoder layers).
 
     ``packed`` selects polyfast's varlen attention (packed batches); False selects SDPA with
     padding masks (the ``packing: none`` baseline and generation).
@@ -66,13 +72,73 @@ def load_model(cfg: ModelConfig, tokenizer, *, packed: bool = True, seed: int = 
     if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
         raise ConfigError("model.tokenizer", f"the tokenizer has {len(tokenizer)} tokens, the model "
                           f"only {model.get_input_embeddings().weight.shape[0]} embeddings")
+    if cfg.liger:
+        if device is None or device.type != "cuda":
+            raise ConfigError("model.liger", "Liger-Kernel's modules are Triton kernels for CUDA; "
+                              f"this run is on {device or 'cpu'}")
+        use_liger_modules(model)
+    if device is not None:
+        model = model.to(device)
     if cfg.activation_checkpointing:
         kwargs = {"use_reentrant": False}
         if hasattr(model, "activation_checkpointing_enable"):  # the newer transformers name
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if cfg.compile:
+        for layer in model.model.layers:  # one compiled graph per layer, reused by all layers
+            layer.compile()
     return model
+
+
+# Liger-Kernel's modules for each architecture's RMSNorm and gated MLP: (norm kwargs, MLP class)
+_LIGER = {
+    "llama": ({"offset": 0.0, "casting_mode": "llama"}, "LigerSwiGLUMLP"),
+    "qwen2": ({"offset": 0.0, "casting_mode": "llama"}, "LigerSwiGLUMLP"),
+    "gemma2": ({"offset": 1.0, "casting_mode": "gemma", "in_place": False}, "LigerGEGLUMLP"),
+}
+
+
+def use_liger_modules(model) -> dict:
+    """Replace every RMSNorm and gated MLP of ``model`` by Liger-Kernel's modules (its public
+    classes), keeping the parameters: an instance-level swap, transformers' classes are untouched.
+
+    RoPE stays transformers': Liger's RoPE can only be reached by rebinding a function inside
+    transformers' modeling module, which polyfast does not do (``model.compile`` fuses it instead).
+    Returns how many modules were replaced, by kind.
+    """
+    import liger_kernel.transformers as liger
+
+    arch = model.config.model_type
+    if arch not in _LIGER:
+        raise ConfigError("model.liger", f"no Liger modules for {arch!r} (known: {', '.join(_LIGER)})")
+    norm_kwargs, mlp_name = _LIGER[arch]
+    act = getattr(model.config, "hidden_activation", None) or model.config.hidden_act
+    if act not in ({"gelu_pytorch_tanh"} if arch == "gemma2" else {"silu", "swish"}):
+        raise ConfigError("model.liger", f"Liger's gated MLP does not compute {act!r}")
+    mlp_cls = getattr(liger, mlp_name)
+    swaps = []
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            kind = type(child).__name__
+            if kind.endswith("RMSNorm"):
+                eps = getattr(child, "variance_epsilon", None) or getattr(child, "eps")
+                new = liger.LigerRMSNorm(child.weight.shape[0], eps=eps, **norm_kwargs)
+                new.weight = child.weight
+            elif kind.endswith("MLP") and hasattr(child, "gate_proj"):
+                with torch.device("meta"):  # no fresh weights: the three projections move over
+                    new = mlp_cls(model.config)
+                new.gate_proj, new.up_proj, new.down_proj = (child.gate_proj, child.up_proj,
+                                                             child.down_proj)
+            else:
+                continue
+            swaps.append((parent, name, new, "rms_norm" if "Norm" in kind else "mlp"))
+    for parent, name, new, _ in swaps:
+        setattr(parent, name, new)
+    counts: dict[str, int] = {}
+    for *_, kind in swaps:
+        counts[kind] = counts.get(kind, 0) + 1
+    return counts
 
 
 def set_packed(model, packed: bool) -> None:

@@ -79,6 +79,15 @@ def pack_examples(examples: Sequence[Example], max_tokens: int, packing: str = "
     return packs
 
 
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on ``device``; to CUDA through pinned memory without blocking the host (a
+    copy from pageable memory waits for the stream: a host sync in the middle of a step)."""
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def example_mass(ex: Example, weighting: str = "bucket") -> float:
     """m_i: what example i adds to the step's normaliser."""
     if weighting == "bucket":
@@ -124,7 +133,7 @@ class Batch:
                      "cu_seqlens", "attention_mask"):
             t = getattr(self, name)
             if t is not None:
-                setattr(out, name, t.to(device, non_blocking=True))
+                setattr(out, name, to_device(t, device))
         return out
 
     def model_inputs(self) -> dict:

@@ -95,10 +95,9 @@ class Trainer:
     def train_step(self, packs: list) -> dict:
         """forward_backward of this rank's share, gradient clipping, update, schedule."""
         out = self.forward_backward(packs[self.dist.rank::self.dist.world], packs)
-        if self.dist.enabled:  # the step's loss and tokens over all ranks, for logging
+        out["tokens"] = sum(len(x) for p in packs for x in p)  # all ranks' tokens, on the host
+        if self.dist.enabled:  # the step's loss over all ranks (a collective, not a host sync)
             out["loss"] = all_reduce_sum(out["loss"], self.dist)
-            out["tokens"] = int(all_reduce_sum(torch.tensor(float(out["tokens"]), device=self.device),
-                                               self.dist))
         clip = self.cfg.train.grad_clip
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip else float("inf"))
         out["grad_norm"] = norm.full_tensor() if hasattr(norm, "full_tensor") else norm

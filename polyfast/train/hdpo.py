@@ -21,7 +21,7 @@ import torch
 from ..config import HDPOConfig
 from ..critic import FEATURE_NAMES, References, feature_matrix
 from ..data import load_pairs, load_tokenizer
-from ..data.packing import PairExample, collate_pairs, pack_pairs
+from ..data.packing import PairExample, collate_pairs, pack_pairs, to_device
 from ..data.pairs import PreferencePair
 from ..data.tokenize import encode_record, fit_length
 from ..errors import ConfigError
@@ -58,7 +58,7 @@ def _frozen(model_cfg, path: str, tokenizer, device):
     """A frozen copy of a checkpoint (the reference, or the LM critic): eval mode, no grad."""
     import dataclasses
     cfg = dataclasses.replace(model_cfg, path=path, activation_checkpointing=False)
-    model = load_model(cfg, tokenizer).to(device)
+    model = load_model(cfg, tokenizer, device=device)
     return model.eval().requires_grad_(False)
 
 
@@ -87,7 +87,7 @@ class HDPOTrainer(Trainer):
         if not self.examples:
             raise ConfigError("data.max_tokens", "no pair fits its pack")
         self.bucket_names = sorted({p.bucket_id for p in self.pairs + self.val_pairs})
-        model = load_model(cfg.model, tokenizer, seed=cfg.seed).to(self.device)
+        model = load_model(cfg.model, tokenizer, seed=cfg.seed, device=self.device)
         self.softcap = logit_softcap(model)
         self.reference = _frozen(cfg.model, cfg.model.path, tokenizer, self.device)
         self.critic = None
@@ -105,10 +105,19 @@ class HDPOTrainer(Trainer):
             for frozen in (self.reference, self.critic):
                 if frozen is not None:
                     shard_model(self._runner(frozen), self.device, cfg.model.dtype == "auto")
-        self.ref_cache = None
+        # per pair, by index, on the host: weight, distances (dc, dr; or the LM critic's band
+        # q10, q90, scale) and, when precomputed, the reference's (chosen, rejected) log-probs.
+        # A pack's rows reach the device in one pinned, non-blocking copy: no host sync.
+        tables = {}
+        for split, pairs, examples in (("train", self.pairs, self.examples),
+                                       ("val", self.val_pairs, self.val_examples)):
+            cols = [torch.tensor([p.weight for p in pairs], dtype=torch.float32)]
+            cols += [d.float() for d in self.distances[split]]
+            if h.reference == "precomputed":
+                cols += self._reference_logps(examples, len(pairs)).unbind(1)
+            tables[split] = torch.stack(cols, 1) if pairs else torch.zeros(0, len(cols))
+        self.tables = tables
         if h.reference == "precomputed":
-            self.ref_cache = {"train": self._reference_logps(self.examples),
-                              "val": self._reference_logps(self.val_examples)}
             self.reference = None  # no longer held in memory
 
     # -- critic distances ---------------------------------------------------------------------
@@ -158,11 +167,12 @@ class HDPOTrainer(Trainer):
         return self._frefs
 
     # -- reference log-probs, cached on disk ---------------------------------------------------
-    def _reference_logps(self, examples: list[PairExample]) -> torch.Tensor:
-        """(n_pairs, 2) reference log-prob sums, computed once and cached under run_dir, keyed by
-        the pairs' tokens and the reference checkpoint."""
+    def _reference_logps(self, examples: list[PairExample], n_pairs: int) -> torch.Tensor:
+        """(n_pairs, 2) reference log-prob sums by pair index (0 for pairs that did not fit),
+        computed once and cached under run_dir, keyed by the pairs' tokens and the reference
+        checkpoint."""
         if not examples:
-            return torch.zeros(0, 2)
+            return torch.zeros(n_pairs, 2)
         digest = hashlib.sha256()
         for e in examples:
             digest.update(repr((e.chosen.input_ids, e.chosen.n_prompt, e.rejected.input_ids,
@@ -174,13 +184,12 @@ class HDPOTrainer(Trainer):
         path = os.path.join(self.cfg.run_dir, f"ref_logps_{digest.hexdigest()[:16]}.pt")
         if os.path.exists(path):
             return torch.load(path)
-        out = torch.zeros(len(examples), 2)
-        position = {p.index: k for k, p in enumerate(examples)}
+        out = torch.zeros(n_pairs, 2)
         with torch.no_grad():
             for pack in pack_pairs(examples, self.cfg.data.max_tokens):
                 sums, _ = self._logps(pack, [self.reference], [False])
                 for k, p in enumerate(pack):
-                    out[position[p.index]] = sums[0, 2 * k: 2 * k + 2].float().cpu()
+                    out[p.index] = sums[0, 2 * k: 2 * k + 2].float().cpu()
         if self.dist.main:  # every rank computed the same values (a sharded reference needs all)
             os.makedirs(self.cfg.run_dir, exist_ok=True)
             torch.save(out, path + ".tmp")
@@ -243,34 +252,23 @@ class HDPOTrainer(Trainer):
             models.append(self.critic)
             grads.append(False)
         sums, counts = self._logps(pack, models, grads)
-        idx = [p.index for p in pack]
+        rows = to_device(self.tables[split][[p.index for p in pack]], self.device)  # (P, C)
+        w, rows = rows[:, 0], rows[:, 1:]
         pc, pr = sums[0, 0::2], sums[0, 1::2]
         if self.reference is not None:
             rc, rr = sums[1, 0::2], sums[1, 1::2]
         else:
-            pos = self._positions[split]
-            cached = self.ref_cache[split][[pos[i] for i in idx]].to(self.device)
-            rc, rr = cached[:, 0], cached[:, 1]
-        dist = self.distances[split]
+            rc, rr = rows[:, -2], rows[:, -1]
         if h.distance == "lm":
             nll = -sums[-1] / counts.clamp(min=1)  # (2P,) the critic's mean NLL per side
-            q10, q90, scale = (t[idx].to(self.device) for t in dist)
+            q10, q90, scale = rows[:, 0], rows[:, 1], rows[:, 2]
             band = lambda x: (torch.relu(q10 - x) + torch.relu(x - q90)) / scale  # noqa: E731
             dc, dr = band(nll[0::2]), band(nll[1::2])
         else:
-            dc, dr = dist[0][idx].to(self.device), dist[1][idx].to(self.device)
-        pairs = self.pairs if split == "train" else self.val_pairs
-        w = torch.tensor([pairs[i].weight for i in idx], device=self.device)
+            dc, dr = rows[:, 0], rows[:, 1]
         return hdpo_loss(pc, pr, rc, rr, dc, dr, w, counts[0::2], beta=h.beta,
                          reg_lambda=h.reg_lambda, ftx=h.ftx, label_smoothing=h.label_smoothing,
                          weight_sum=weight_sum, num_pairs=num_pairs)
-
-    @property
-    def _positions(self):
-        if not hasattr(self, "_pos"):
-            self._pos = {"train": {p.index: k for k, p in enumerate(self.examples)},
-                         "val": {p.index: k for k, p in enumerate(self.val_examples)}}
-        return self._pos
 
     def forward_backward(self, packs, step_packs=None) -> dict:
         self.model.train()

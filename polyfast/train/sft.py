@@ -98,7 +98,8 @@ class SFTTrainer(Trainer):
         tokenizer = tokenizer or load_tokenizer(cfg.model.tokenizer or cfg.model.path)
         self.data = data or prepare_data(cfg, tokenizer)
         self.packed = cfg.data.packing != "none"
-        model = load_model(cfg.model, tokenizer, packed=self.packed, seed=cfg.seed).to(self.device)
+        model = load_model(cfg.model, tokenizer, packed=self.packed, seed=cfg.seed,
+                           device=self.device)
         self.softcap = logit_softcap(model)
         super().__init__(cfg, tokenizer, model)
 

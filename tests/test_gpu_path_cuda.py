@@ -1,0 +1,52 @@
+"""CUDA-only checks of the GPU model path: Liger modules compute the same step, and a training
+step (SFT and HDPO) makes no host sync. Skipped without a GPU."""
+
+import pytest
+import torch
+
+from tests.test_hdpo import _pairs
+from tests.test_sft import _grads, _trainer
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def test_liger_modules_give_the_same_step(tmp_path):
+    plain = _trainer(tmp_path / "p", **{"train.device": "cuda"})
+    liger = _trainer(tmp_path / "l", **{"train.device": "cuda", "model.liger": True})
+    pack = plain.step_packs(0)[0]
+    losses, grads = [], []
+    for tr in (plain, liger):
+        losses.append(tr.forward_backward([pack])["loss"].item())
+        grads.append(_grads(tr).double())
+    assert losses[1] == pytest.approx(losses[0], rel=1e-2)  # both under bf16 autocast
+    cos = torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0)
+    assert cos > 0.999, cos
+
+
+def _no_sync_steps(tr, steps=2):
+    tr.train_step(tr.step_packs(0))  # the first step creates the optimizer state
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for s in range(1, 1 + steps):
+            tr.train_step(tr.step_packs(s))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_sft_and_hdpo_steps_make_no_host_sync(tmp_path):
+    sft = _trainer(tmp_path / "sft", **{"train.device": "cuda", "train.max_steps": 3,
+                                        "train.grad_accum": 2, "train.loss_backend": "triton"})
+    _no_sync_steps(sft)
+    export = sft.export(str(tmp_path / "sft" / "final"))
+
+    from polyfast.config import HDPOConfig, load_config
+    from polyfast.train.hdpo import HDPOTrainer
+    for reference in ("live", "precomputed"):
+        cfg = load_config(HDPOConfig, None, [], extra={
+            "model.path": export, "run_dir": str(tmp_path / f"hdpo_{reference}"),
+            "hdpo.distance": "feature", "hdpo.min_bucket_size": 3, "hdpo.reference": reference,
+            "hdpo.loss_backend": "triton", "train.device": "cuda", "train.progress": False,
+            "train.grad_accum": 2, "data.max_tokens": 2048})
+        _no_sync_steps(HDPOTrainer(cfg, pairs=_pairs(40, 7)))

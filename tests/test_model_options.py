@@ -1,0 +1,67 @@
+"""The GPU path's model options: Liger modules swapped in place of transformers' (parameters kept),
+compiled decoder layers that compute what the eager ones do, a Qwen2.5-shaped vocabulary."""
+
+import pytest
+import torch
+
+from polyfast.config import ModelConfig, TinyModelConfig
+from polyfast.data import byte_tokenizer
+from polyfast.errors import ConfigError
+from polyfast.model import load_model, use_liger_modules
+from tests.test_packed_model import _gemma2
+from tests.test_sft import _trainer, _grads
+
+
+def _tiny(arch="llama", **over):
+    return ModelConfig(tiny=TinyModelConfig(arch=arch, hidden_size=32, num_layers=2, num_heads=2,
+                                            num_kv_heads=1, intermediate_size=64), **over)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2"])
+def test_liger_swaps_norms_and_mlps_and_keeps_every_parameter(arch):
+    from liger_kernel.transformers import LigerGEGLUMLP, LigerRMSNorm, LigerSwiGLUMLP
+    tok = byte_tokenizer()
+    model = _gemma2(tok) if arch == "gemma2" else load_model(_tiny(arch), tok)
+    before = dict(model.named_parameters())
+    norms = sum(type(m).__name__.endswith("RMSNorm") for m in model.modules())
+    counts = use_liger_modules(model)
+    layers = model.config.num_hidden_layers
+    assert counts == {"rms_norm": norms, "mlp": layers}
+    assert norms == (4 if arch == "gemma2" else 2) * layers + 1  # per layer, and the final norm
+    assert sum(isinstance(m, LigerRMSNorm) for m in model.modules()) == norms
+    mlp = LigerGEGLUMLP if arch == "gemma2" else LigerSwiGLUMLP
+    assert all(isinstance(layer.mlp, mlp) for layer in model.model.layers)
+    after = dict(model.named_parameters())
+    assert list(after) == list(before)  # same names: checkpoints and exports are unchanged
+    assert all(after[k] is before[k] for k in before)  # the very same tensors, no copies
+    if arch == "gemma2":  # (1 + w) scaling, computed the way Gemma does
+        assert model.model.norm.offset == 1.0 and model.model.norm.casting_mode == "gemma"
+
+
+def test_liger_needs_cuda():
+    with pytest.raises(ConfigError, match="model.liger"):
+        load_model(_tiny(liger=True), byte_tokenizer(), device=torch.device("cpu"))
+
+
+def test_compiled_decoder_layers_give_the_eager_loss_and_gradients(tmp_path):
+    eager = _trainer(tmp_path / "e")
+    compiled = _trainer(tmp_path / "c", **{"model.compile": True})
+    assert all(hasattr(layer, "_compiled_call_impl") and layer._compiled_call_impl is not None
+               for layer in compiled.model.model.layers)
+    losses, grads = [], []
+    for tr in (eager, compiled):
+        out = tr.forward_backward([eager.step_packs(0)[0]])
+        losses.append(out["loss"])
+        grads.append(_grads(tr))
+    assert losses[1] == pytest.approx(losses[0].item(), rel=1e-5)
+    assert (grads[1] - grads[0]).abs().max() <= 1e-5 * grads[0].abs().max()
+
+
+def test_tiny_vocab_size_gives_a_real_models_embedding_shape():
+    tok = byte_tokenizer()
+    cfg = ModelConfig(tiny=TinyModelConfig(hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
+                                           intermediate_size=32, vocab_size=1000))
+    assert load_model(cfg, tok).get_input_embeddings().weight.shape == (1000, 16)
+    cfg.tiny.vocab_size = 10
+    with pytest.raises(ConfigError, match="model.tiny.vocab_size"):
+        load_model(cfg, tok)
