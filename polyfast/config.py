@@ -83,6 +83,7 @@ class TrainConfig:
     eval_every: int = 0                  # steps; 0 = before and after training only
     save_every: int = 0                  # steps; 0 = only the final export
     keep_checkpoints: int = 2
+    checkpoint_hf: bool = True           # each checkpoint also holds hf/, a save_pretrained export
     resume: bool = False                 # continue from run_dir's latest checkpoint
     progress: bool = True
 

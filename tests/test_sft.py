@@ -123,6 +123,12 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path):
     assert ckpts == ["step_000003"]  # written atomically: no temporary left behind
 
     resumed = _trainer(tmp_path / "b", **over, **{"train.resume": True})
+    assert resumed.resume() and resumed.step == 3
+    from transformers import AutoModelForCausalLM  # the checkpoint's hf/ holds the same model
+    hf = AutoModelForCausalLM.from_pretrained(os.path.join(first.cfg.run_dir, "checkpoints",
+                                                           "step_000003", "hf"))
+    for (name, p), q in zip(resumed.model.state_dict().items(), hf.state_dict().values()):
+        assert torch.equal(p, q), name
     resumed.fit()
     got = _losses(resumed.cfg.run_dir)
     for step in range(1, 7):

@@ -110,8 +110,11 @@ class Trainer:
     # -- checkpoints --------------------------------------------------------------------------
     def save(self) -> str:
         return save_checkpoint(self.cfg.run_dir, self.step, self.runner, self.optimizer,
-                               self.scheduler, {"total_steps": self.total_steps},
-                               keep=self.cfg.train.keep_checkpoints)
+                               self.scheduler, {"total_steps": self.total_steps,
+                                                "grad_accum": self.cfg.train.grad_accum},
+                               keep=self.cfg.train.keep_checkpoints,
+                               also=(lambda tmp: self.export(os.path.join(tmp, "hf")))
+                               if self.cfg.train.checkpoint_hf else None)
 
     def resume(self) -> bool:
         ckpts = list_checkpoints(self.cfg.run_dir)
@@ -119,8 +122,11 @@ class Trainer:
             return False
         state = load_checkpoint(ckpts[-1], self.runner, self.optimizer, self.scheduler)
         if state.get("total_steps") != self.total_steps:
+            packs = state.get("world_size", 1) * state.get("grad_accum", self.cfg.train.grad_accum)
             raise ConfigError("train", f"checkpoint {ckpts[-1]} was made for "
-                              f"{state.get('total_steps')} steps, this config makes {self.total_steps}")
+                              f"{state.get('total_steps')} steps, this config makes {self.total_steps}; "
+                              f"a step there held {packs} packs (processes x train.grad_accum), "
+                              f"here {self.dist.world * self.cfg.train.grad_accum}")
         self.step = state["step"]
         return True
 

@@ -3,7 +3,8 @@
 A checkpoint is a directory ``checkpoints/step_000123`` holding the model and optimizer state in DCP's
 format (each rank writes its own shards; keys are the parameters' fully qualified names, so a
 checkpoint loads into any world size: DCP reshards on load), ``train_state.pt`` (scheduler and RNG
-state, from rank 0) and ``trainer_state.json`` (step, total steps, the world size that wrote it).
+state, from rank 0), ``trainer_state.json`` (step, total steps, the world size that wrote it) and,
+with ``train.checkpoint_hf``, ``hf/``: the model as a Hugging Face export, to evaluate or serve.
 Everything is written to a temporary directory beside it and renamed into place by rank 0 after all
 ranks have finished, so a crash never leaves a half-written checkpoint. Several nodes need the run
 directory on a shared filesystem.
@@ -68,8 +69,9 @@ def _single_process_quiet():
 
 
 def save_checkpoint(run_dir: str, step: int, model, optimizer, scheduler, extra: dict,
-                    keep: int = 2) -> str:
-    """A collective under torchrun: every rank calls it with its (sharded) model and optimizer."""
+                    keep: int = 2, also=None) -> str:
+    """A collective under torchrun: every rank calls it with its (sharded) model and optimizer.
+    ``also(tmp_dir)``, called on every rank before the rename, writes more into the checkpoint."""
     root = os.path.join(run_dir, CKPT_DIR)
     final = os.path.join(root, f"step_{step:06d}")
     tmp = os.path.join(root, f".tmp_step_{step:06d}")
@@ -87,6 +89,8 @@ def save_checkpoint(run_dir: str, step: int, model, optimizer, scheduler, extra:
         world = dist.get_world_size() if _distributed() else 1
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
             json.dump({"step": step, "world_size": world, **extra}, f, indent=1)
+    if also is not None:
+        also(tmp)
     _barrier()  # every rank's shards are on disk
     if _main():
         if os.path.exists(final):
