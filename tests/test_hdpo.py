@@ -91,3 +91,32 @@ def test_hdpo_loss_does_not_depend_on_micro_batching(sft_checkpoint, tmp_path):
     assert losses[0][2] == 1 and losses[1][2] > 1
     assert losses[0][0] == pytest.approx(losses[1][0], rel=1e-10)
     assert (losses[0][1] - losses[1][1]).abs().max() <= 1e-9 * losses[0][1].abs().max()
+
+
+def test_a_critic_that_is_the_reference_is_held_once_and_gives_the_same_loss(sft_checkpoint,
+                                                                               tmp_path):
+    import shutil
+    import random
+    import string
+    copy = str(shutil.copytree(sft_checkpoint, tmp_path / "copy"))  # the same weights, elsewhere
+    rng = random.Random(0)
+    recs = [r for r in demo_records("train") if r.length_bin != "xlong"][::11][:12]
+    # rejected: punctuation noise, far outside the human side's NLL band
+    pairs, _ = make_pairs(recs, {r.id: "".join(rng.choice(string.punctuation) for _ in range(80))
+                                 for r in recs})
+    losses, regs = [], []
+    for critic in (None, copy):
+        cfg = load_config(HDPOConfig, None, [], extra={
+            "model.path": sft_checkpoint, "run_dir": str(tmp_path / f"h{critic is None}"),
+            "hdpo.distance": "lm", "hdpo.critic_model": critic, "hdpo.min_bucket_size": 3,
+            "train.lr": 1e-3, "train.max_steps": 4, "train.progress": False,
+            "data.max_tokens": 3000})
+        tr = HDPOTrainer(cfg, pairs=pairs)
+        assert (tr.critic is tr.reference) == (critic is None)
+        tr.train_step(tr.step_packs(0))  # now the policy differs from the reference and critic
+        out = tr.forward_backward(tr.step_packs(1))
+        losses.append(out["loss"].item())
+        regs.append(out["dist_reg"])
+    assert regs[0].abs().sum() > 0  # the critic's distances take part in the loss
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    assert torch.allclose(regs[0], regs[1], rtol=1e-6, atol=1e-8)

@@ -92,8 +92,10 @@ class HDPOTrainer(Trainer):
         self.reference = _frozen(cfg.model, cfg.model.path, tokenizer, self.device)
         self.critic = None
         if h.distance == "lm":
-            self.critic = _frozen(cfg.model, h.critic_model or cfg.model.path, tokenizer,
-                                  self.device)
+            critic_path = h.critic_model or cfg.model.path
+            # the default critic is the starting checkpoint: the reference itself, held once
+            self.critic = (self.reference if critic_path == cfg.model.path
+                           else _frozen(cfg.model, critic_path, tokenizer, self.device))
         super().__init__(cfg, tokenizer, model)
         self.distances = {"train": self._distances(self.pairs, "train"),
                           "val": self._distances(self.val_pairs, "val")}
@@ -102,9 +104,9 @@ class HDPOTrainer(Trainer):
         self._frozen_runners: dict[int, TrunkHead] = {}
         self.frozen_sharded = self.dist.enabled and h.frozen == "shard"
         if self.frozen_sharded:
-            for frozen in (self.reference, self.critic):
-                if frozen is not None:
-                    shard_model(self._runner(frozen), self.device, cfg.model.dtype == "auto")
+            frozen_models = {id(m): m for m in (self.reference, self.critic) if m is not None}
+            for frozen in frozen_models.values():  # a critic that is the reference: sharded once
+                shard_model(self._runner(frozen), self.device, cfg.model.dtype == "auto")
         # per pair, by index, on the host: weight, distances (dc, dr; or the LM critic's band
         # q10, q90, scale) and, when precomputed, the reference's (chosen, rejected) log-probs.
         # A pack's rows reach the device in one pinned, non-blocking copy: no host sync.
@@ -248,8 +250,8 @@ class HDPOTrainer(Trainer):
         if self.reference is not None:
             models.append(self.reference)
             grads.append(False)
-        if self.critic is not None:
-            models.append(self.critic)
+        if self.critic is not None and self.critic is not self.reference:
+            models.append(self.critic)  # (a critic that is the live reference reuses its row)
             grads.append(False)
         sums, counts = self._logps(pack, models, grads)
         rows = to_device(self.tables[split][[p.index for p in pack]], self.device)  # (P, C)
