@@ -28,8 +28,10 @@ def _cmd_sft(args) -> int:
     from .train.sft import SFTTrainer
 
     cfg = load_config(SFTConfig, args.config, args.overrides)
-    result = SFTTrainer(cfg).fit()
-    _print_result(result)
+    trainer = SFTTrainer(cfg)
+    result = trainer.fit()
+    if trainer.dist.main:  # under torchrun, one summary
+        _print_result(result)
     return 0
 
 
@@ -57,7 +59,10 @@ def _cmd_hdpo(args) -> int:
     from .train.hdpo import HDPOTrainer
 
     cfg = load_config(HDPOConfig, args.config, args.overrides)
-    result = HDPOTrainer(cfg).fit()
+    trainer = HDPOTrainer(cfg)
+    result = trainer.fit()
+    if not trainer.dist.main:  # under torchrun, one summary
+        return 0
     s = result["summary"]
     if result["eval_after"]:
         b, a = result["eval_before"], result["eval_after"]

@@ -117,3 +117,20 @@ def test_a_two_process_checkpoint_resumes_in_one_process(tmp_path, two_process_r
     assert sorted(got) == [4, 5]
     for step in got:  # the optimizer state came back too: step 5 depends on Adam's moments
         assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), (step, got, expected)
+
+
+def test_torchrun_launches_the_cli(tmp_path):
+    import subprocess
+    import sys
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-port", str(_free_port()), "-m", "polyfast", "sft", "configs/demo_sft.yaml",
+           f"run_dir={run}", "train.max_steps=2", "train.save_every=1", "train.num_threads=1",
+           "train.log_every=1", "train.progress=false", "data.val=null", "model.tiny.num_layers=1"]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("steps in") == 1  # one summary, from rank 0
+    shards = sorted(f for f in os.listdir(run / "checkpoints" / "step_000001") if f.endswith(".distcp"))
+    assert shards == ["__0_0.distcp", "__1_0.distcp"]  # each rank wrote its own
+    assert sorted(_losses(run)) == [1, 2] and os.path.exists(run / "final" / "config.json")
