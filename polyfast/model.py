@@ -86,7 +86,7 @@ def load_model(cfg: ModelConfig, tokenizer, *, packed: bool = True, seed: int = 
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if cfg.compile:
-        for layer in model.model.layers:  # one compiled graph per layer, reused by all layers
+        for layer in model.model.layers:  # in place: names, parameters and hooks unchanged
             layer.compile()
     return model
 

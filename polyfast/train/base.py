@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 from ..config import save_config
 from ..errors import ConfigError
 from ..model import TrunkHead, resolve_device
-from .checkpoint import export_pretrained, list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import (export_pretrained, list_checkpoints, load_checkpoint, save_checkpoint,
+                         trainer_state)
 from .distributed import all_reduce_sum, full_state_dict, init_distributed, shard_model
 from .metrics import MetricsLog
 from .optim import build_optimizer, cosine_with_warmup
@@ -120,13 +121,14 @@ class Trainer:
         ckpts = list_checkpoints(self.cfg.run_dir)
         if not ckpts:
             return False
-        state = load_checkpoint(ckpts[-1], self.runner, self.optimizer, self.scheduler)
+        state = trainer_state(ckpts[-1])
         if state.get("total_steps") != self.total_steps:
             packs = state.get("world_size", 1) * state.get("grad_accum", self.cfg.train.grad_accum)
             raise ConfigError("train", f"checkpoint {ckpts[-1]} was made for "
                               f"{state.get('total_steps')} steps, this config makes {self.total_steps}; "
                               f"a step there held {packs} packs (processes x train.grad_accum), "
                               f"here {self.dist.world * self.cfg.train.grad_accum}")
+        load_checkpoint(ckpts[-1], self.runner, self.optimizer, self.scheduler)
         self.step = state["step"]
         return True
 

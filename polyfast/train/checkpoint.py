@@ -109,6 +109,12 @@ def list_checkpoints(run_dir: str) -> list[str]:
     return [os.path.join(root, d) for d in sorted(os.listdir(root)) if d.startswith("step_")]
 
 
+def trainer_state(path: str) -> dict:
+    """A checkpoint's trainer_state.json: step, total steps, the world size that wrote it."""
+    with open(os.path.join(path, "trainer_state.json")) as f:
+        return json.load(f)
+
+
 def load_checkpoint(path: str, model, optimizer, scheduler) -> dict:
     """Restore model, optimizer, scheduler and RNG (into whatever sharding ``model`` has now);
     return trainer_state.json. A collective under torchrun."""
@@ -121,8 +127,7 @@ def load_checkpoint(path: str, model, optimizer, scheduler) -> dict:
     train_state = torch.load(os.path.join(path, "train_state.pt"), weights_only=False)
     scheduler.load_state_dict(train_state["scheduler"])
     _set_rng_state(train_state["rng"])
-    with open(os.path.join(path, "trainer_state.json")) as f:
-        return json.load(f)
+    return trainer_state(path)
 
 
 def export_pretrained(model, tokenizer, out_dir: str) -> str:

@@ -175,7 +175,7 @@ class HDPOTrainer(Trainer):
         checkpoint."""
         if not examples:
             return torch.zeros(n_pairs, 2)
-        digest = hashlib.sha256()
+        digest = hashlib.sha256(b"rows by pair index")  # the layout of the cached tensor
         for e in examples:
             digest.update(repr((e.chosen.input_ids, e.chosen.n_prompt, e.rejected.input_ids,
                                 e.rejected.n_prompt)).encode())
