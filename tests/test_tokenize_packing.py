@@ -92,6 +92,9 @@ def test_packed_batch_format(tok, weighting):
         assert b.position_ids[0, s:e].tolist() == list(range(len(ex)))
         assert b.input_ids[0, s:e].tolist() == list(ex.input_ids)
         assert b.labels[0, s] == -100  # an example never starts on a label
+        assert (b.labels[0, s:s + ex.n_prompt] == -100).all()
+        assert b.labels[0, s + ex.n_prompt:e].tolist() == list(ex.input_ids[ex.n_prompt:])
+        assert (b.token_weights[s:s + ex.n_prompt] == 0).all()
         assert set(b.bucket_ids[s:e].tolist()) == {names.index(ex.bucket)}
         # the example's token weights add up to its mass
         mass = b.token_weights[s:e].sum().item()
@@ -110,4 +113,9 @@ def test_padded_batch_format(tok):
     assert b.attention_mask.sum().item() == b.num_tokens == sum(map(len, exs))
     assert (b.labels[b.attention_mask == 0] == -100).all()
     assert (b.token_weights.view(3, L)[b.attention_mask == 0] == 0).all()
+    flat = collate(pack, names)  # the same tokens, packed into one row
+    for name in ("input_ids", "position_ids", "labels"):
+        assert getattr(b, name)[b.attention_mask == 1].tolist() == getattr(flat, name)[0].tolist()
+    assert b.token_weights[b.attention_mask.flatten() == 1].tolist() == flat.token_weights.tolist()
+    assert (b.input_ids[b.attention_mask == 0] == tok.pad_token_id).all()
     assert packing_efficiency([pack], 1024, "none") == pytest.approx(b.num_tokens / (3 * L))

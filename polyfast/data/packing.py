@@ -148,40 +148,41 @@ class Batch:
 
 def collate(pack: Sequence[Example], bucket_names: Sequence[str], *, weighting: str = "bucket",
             padded: bool = False, pad_id: int = 0) -> Batch:
-    """Lay a pack out in the batch format. ``bucket_names`` fixes the bucket -> id mapping."""
+    """Lay a pack out in the batch format. ``bucket_names`` fixes the bucket -> id mapping.
+    Built with tensor ops over the pack's examples (no Python loop over tokens)."""
     index = {b: i for i, b in enumerate(bucket_names)}
-    ids, pos, labels, weights, buckets, lens = [], [], [], [], [], []
     for ex in pack:
         if ex.n_prompt < 1:
             raise ValueError(f"example {ex.record_id} has no prompt token: its first label would "
                              "be predicted across an example boundary")
-        n = len(ex)
-        w = _token_weight(ex, weighting)
-        ids.append(list(ex.input_ids))
-        pos.append(list(range(n)))
-        labels.append([IGNORE_INDEX] * ex.n_prompt + list(ex.input_ids[ex.n_prompt:]))
-        weights.append([0.0] * ex.n_prompt + [w] * ex.n_response)
-        buckets.append([index[ex.bucket]] * n)
-        lens.append(n)
+    lens = [len(ex) for ex in pack]
+    n = torch.tensor(lens)
+    example = torch.repeat_interleave(torch.arange(len(pack)), n)  # (T,) each token's example
+    cu = torch.zeros(len(pack) + 1, dtype=torch.int32)
+    cu[1:] = n.cumsum(0)
+    pos = torch.arange(sum(lens)) - cu[:-1].long()[example]  # (T,) restarts at 0 per example
+    prompt = pos < torch.tensor([ex.n_prompt for ex in pack])[example]  # (T,)
+    ids = torch.cat([torch.tensor(ex.input_ids, dtype=torch.long) for ex in pack])  # (T,)
+    labels = ids.masked_fill(prompt, IGNORE_INDEX)
+    weights = torch.tensor([_token_weight(ex, weighting) for ex in pack],
+                           dtype=torch.float32)[example].masked_fill(prompt, 0.0)
+    buckets = torch.tensor([index[ex.bucket] for ex in pack])[example]
     mass = sum(example_mass(ex, weighting) for ex in pack)
     common = dict(bucket_names=list(bucket_names), mass=mass, num_examples=len(pack),
-                  num_tokens=sum(lens))
+                  num_tokens=sum(lens), max_seqlen=max(lens))
     if not padded:
-        flat = lambda rows: [x for r in rows for x in r]  # noqa: E731
-        cu = torch.tensor([0] + lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-        return Batch(input_ids=torch.tensor([flat(ids)]), position_ids=torch.tensor([flat(pos)]),
-                     labels=torch.tensor([flat(labels)]),
-                     token_weights=torch.tensor(flat(weights), dtype=torch.float32),
-                     bucket_ids=torch.tensor(flat(buckets)), cu_seqlens=cu,
-                     max_seqlen=max(lens), **common)
-    L = max(lens)
-    pad = lambda rows, v: [r + [v] * (L - len(r)) for r in rows]  # noqa: E731
-    mask = torch.tensor([[1] * n + [0] * (L - n) for n in lens])
-    return Batch(input_ids=torch.tensor(pad(ids, pad_id)), position_ids=torch.tensor(pad(pos, 0)),
-                 labels=torch.tensor(pad(labels, IGNORE_INDEX)),
-                 token_weights=torch.tensor(pad(weights, 0.0), dtype=torch.float32).flatten(),
-                 bucket_ids=torch.tensor(pad(buckets, -1)).flatten(), attention_mask=mask,
-                 max_seqlen=L, **common)
+        return Batch(input_ids=ids[None], position_ids=pos[None], labels=labels[None],
+                     token_weights=weights, bucket_ids=buckets, cu_seqlens=cu, **common)
+    B, L = len(pack), max(lens)
+    mask = torch.arange(L)[None, :] < n[:, None]  # (B, L); True positions in row-major = tokens
+
+    def pad(flat: torch.Tensor, value) -> torch.Tensor:  # (T,) -> (B, L)
+        out = torch.full((B, L), value, dtype=flat.dtype)
+        out[mask] = flat
+        return out
+    return Batch(input_ids=pad(ids, pad_id), position_ids=pad(pos, 0),
+                 labels=pad(labels, IGNORE_INDEX), token_weights=pad(weights, 0.0).flatten(),
+                 bucket_ids=pad(buckets, -1).flatten(), attention_mask=mask.long(), **common)
 
 
 def packing_efficiency(packs: Sequence[Sequence[Example]], max_tokens: int, packing: str) -> float:
