@@ -254,6 +254,12 @@ def _hdpo_baseline(args, tmp):
     buckets = [p.bucket_id for p in pairs]
     dc = refs.distance(feature_matrix(p.chosen for p in pairs), buckets)
     dr = refs.distance(feature_matrix(p.rejected for p in pairs), buckets)
+    assert np.isfinite(dc).all() and np.isfinite(dr).all()
+    # per pair, on the device once: (distance chosen, distance rejected, weight, chosen tokens)
+    n_chosen = np.zeros(len(pairs))
+    n_chosen[[e.index for e in examples]] = [e.chosen.n_response for e in examples]
+    per_pair = torch.tensor(np.stack([dc, dr, [p.weight for p in pairs], n_chosen], 1),
+                            dtype=torch.float32, device=device)  # (n_pairs, 4)
     random.Random(0).shuffle(examples)
     k = max(1, round(len(examples) / len(pack_pairs(examples, args.max_tokens)) * args.grad_accum))
     h = cfg.hdpo
@@ -283,10 +289,8 @@ def _hdpo_baseline(args, tmp):
                 pol = logps(policy, ids, mask, labels)
                 with torch.no_grad():
                     ref = logps(reference, ids, mask, labels)  # a separate reference forward
-            i = e.index
-            t = lambda x: torch.tensor([x], dtype=torch.float32, device=device)  # noqa: E731
-            loss, _ = hdpo_loss(pol[:1], pol[1:], ref[:1], ref[1:], t(dc[i]), t(dr[i]),
-                                t(pairs[i].weight), t(e.chosen.n_response), beta=h.beta,
+            d_c, d_r, w, n_c = per_pair[e.index:e.index + 1].unbind(1)  # each (1,)
+            loss, _ = hdpo_loss(pol[:1], pol[1:], ref[:1], ref[1:], d_c, d_r, w, n_c, beta=h.beta,
                                 reg_lambda=h.reg_lambda, ftx=h.ftx, weight_sum=wsum, num_pairs=k)
             loss.backward()
             lengths += [len(x) for x in sides]
@@ -294,7 +298,6 @@ def _hdpo_baseline(args, tmp):
         opt.step()
         opt.zero_grad(set_to_none=True)
         return lengths
-    assert np.isfinite(dc).all() and np.isfinite(dr).all()
     return step, policy.config, device, 4, {"pairs_per_step": k}
 
 

@@ -4,6 +4,7 @@ the trunk's hidden states (``model.model(...)``), the head weight and the final-
 from __future__ import annotations
 
 import os
+from collections import Counter
 
 import torch
 
@@ -135,10 +136,7 @@ def use_liger_modules(model) -> dict:
             swaps.append((parent, name, new, "rms_norm" if "Norm" in kind else "mlp"))
     for parent, name, new, _ in swaps:
         setattr(parent, name, new)
-    counts: dict[str, int] = {}
-    for *_, kind in swaps:
-        counts[kind] = counts.get(kind, 0) + 1
-    return counts
+    return dict(Counter(kind for *_, kind in swaps))
 
 
 def set_packed(model, packed: bool) -> None:

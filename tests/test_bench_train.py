@@ -1,8 +1,6 @@
 """bench/train.py: every mode runs and counts its tokens; model FLOPs match the parameters; the
 GPU benchmark's model has Qwen2.5-1.5B's shape."""
 
-import argparse
-
 import pytest
 import torch
 
@@ -60,4 +58,3 @@ def test_peak_flops_by_device_name():
     assert bench.peak_flops("NVIDIA H100 PCIe", None) == 756e12
     assert bench.peak_flops("CPU AMD EPYC, 2 threads", None) is None
     assert bench.peak_flops("CPU", 1.5) == 1.5e12
-    assert isinstance(_args(), argparse.Namespace)

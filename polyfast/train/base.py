@@ -67,7 +67,7 @@ class Trainer:
     def forward_backward(self, packs: list, step_packs: list | None = None) -> dict:
         """Accumulate this rank's gradients for ``packs``, normalised by the totals of
         ``step_packs`` (all ranks' packs of the step; default ``packs``); return at least
-        {"loss": tensor, "tokens": int}."""
+        {"loss": tensor} (``train_step`` adds the step's token count)."""
         raise NotImplementedError
 
     def evaluate(self) -> dict:

@@ -190,8 +190,7 @@ class HDPOTrainer(Trainer):
         with torch.no_grad():
             for pack in pack_pairs(examples, self.cfg.data.max_tokens):
                 sums, _ = self._logps(pack, [self.reference], [False])
-                for k, p in enumerate(pack):
-                    out[p.index] = sums[0, 2 * k: 2 * k + 2].float().cpu()
+                out[[p.index for p in pack]] = sums[0].float().cpu().view(-1, 2)  # (P, 2)
         if self.dist.main:  # every rank computed the same values (a sharded reference needs all)
             os.makedirs(self.cfg.run_dir, exist_ok=True)
             torch.save(out, path + ".tmp")
@@ -279,7 +278,7 @@ class HDPOTrainer(Trainer):
         num_pairs = sum(len(pack) for pack in step_packs)
         loss_total = torch.zeros((), device=self.device)
         per_pair = {k: [] for k in METRICS}
-        buckets, tokens = [], 0
+        buckets = []
         for pack in packs:
             loss, m = self._pack_loss(pack, "train", weight_sum, num_pairs, train=True)
             (loss * self.grad_scale).backward()
@@ -287,8 +286,7 @@ class HDPOTrainer(Trainer):
             for k in METRICS:
                 per_pair[k].append(m[k])
             buckets += [p.bucket for p in pack]
-            tokens += sum(len(p) for p in pack)
-        return {"loss": loss_total, "tokens": tokens, "buckets": buckets,
+        return {"loss": loss_total, "buckets": buckets,
                 **{k: torch.cat(v) for k, v in per_pair.items()}}
 
     def train_row(self, out: dict) -> dict:

@@ -130,7 +130,6 @@ class SFTTrainer(Trainer):
         bucket_sum = torch.zeros(len(index), device=self.device)
         bucket_mass = torch.zeros(len(index))
         loss_total = torch.zeros((), device=self.device)
-        tokens = 0
         for pack in packs:
             batch = self.batch(pack)
             loss, per_token = self.micro_loss(batch, normalizer)
@@ -141,9 +140,7 @@ class SFTTrainer(Trainer):
             bucket_sum.index_add_(0, batch.bucket_ids.clamp(min=0), per_token.detach())
             for ex in pack:
                 bucket_mass[index[ex.bucket]] += example_mass(ex, weighting)
-            tokens += batch.num_tokens
-        return {"loss": loss_total, "bucket_sum": bucket_sum, "bucket_mass": bucket_mass,
-                "tokens": tokens}
+        return {"loss": loss_total, "bucket_sum": bucket_sum, "bucket_mass": bucket_mass}
 
     def train_row(self, out: dict) -> dict:
         names, mass, bsum = self.data.bucket_names, out["bucket_mass"], out["bucket_sum"].cpu()
