@@ -17,13 +17,18 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
+import uuid
 
 import torch
 
 
 def machine() -> dict:
+    """Date, versions and device; ``run`` tells one invocation's rows from another's in a JSONL
+    file that several runs appended to."""
     info = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "torch": torch.__version__, "python": platform.python_version()}
+            "run": uuid.uuid4().hex[:12], "torch": torch.__version__,
+            "python": platform.python_version()}
     try:
         import triton
         info["triton"] = triton.__version__
@@ -79,21 +84,58 @@ def measure(fn, device: str, repeats: int = 5, warmup: int = 1) -> dict:
             "peak_mb": max(peak, 0) / 2**20}
 
 
+def guarded(fn, *args, **kwargs) -> dict:
+    """``fn(*args, **kwargs)`` (a result dict), or {"error": ...} for any exception it raises, so
+    that one failing row (out of memory, a compile error, a missing feature) is recorded and the
+    benchmark goes on. CUDA's cache is emptied after a failure."""
+    try:
+        return fn(*args, **kwargs)
+    except ImportError as e:
+        return {"skipped": str(e)[:300]}
+    except Exception as e:  # noqa: BLE001 - recorded in the row, and on stderr
+        traceback.print_exc(file=sys.stderr)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        kind = "out of memory" if isinstance(e, torch.OutOfMemoryError) else type(e).__name__
+        return {"error": f"{kind}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]}
+
+
 def run_isolated(module: str, args: list[str], timeout: float = 900) -> dict:
-    """Run ``python -m module args`` in a fresh process; it prints one JSON object last."""
+    """Run ``python -m module args`` in a fresh process; it prints one JSON object last. A crash,
+    a timeout or unreadable output comes back as {"error": ...}."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=root)
+    try:
+        proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True,
+                              text=True, timeout=timeout, cwd=root)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1][:300]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    try:
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        return {"error": f"no result line: {proc.stdout[-200:]!r}"}
 
 
 def append_jsonl(path: str, rows: list[dict]) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    """Append rows and flush them to disk at once: a run cut short keeps what it measured."""
+    if os.path.dirname(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "a") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_runs(path: str, bench: str, run: str | None = None) -> list[dict]:
+    """The rows of ``bench`` in a JSONL file: those of run ``run``, or of the file's last run."""
+    with open(path) as f:
+        rows = [r for r in (json.loads(line) for line in f if line.strip()) if r.get("bench") == bench]
+    if not rows:
+        return []
+    run = run or rows[-1].get("run")
+    return [r for r in rows if r.get("run") == run]
 
 
 def markdown_table(headers: list[str], rows: list[list]) -> str:

@@ -8,7 +8,8 @@ Rows: our Triton kernel (one launch), our torch twin, (a) three full-logits refe
 (b) three calls of our fused cross-entropy kernel with reduction "none" plus torch segment sums,
 (c) Liger-Kernel's fused linear DPO loss on the same pairs (policy + reference; padded rows of equal
 length, as its interface takes them). Sequences are 32 pairs' sides of equal length (a quarter
-prompt), so (c) sees no padding. Rows go to bench/results/joint_logprobs.jsonl.
+prompt), so (c) sees no padding. Each row goes to bench/results/joint_logprobs.jsonl (--out) as
+soon as it is measured, a failing row with its error; ``--table JSONL`` prints a run's table.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import sys
 
 import torch
 
-from bench.harness import append_jsonl, machine, markdown_table, measure, run_isolated
+from bench.harness import (append_jsonl, guarded, machine, markdown_table, measure, read_runs,
+                           run_isolated)
 
 GRIDS = {"cpu": [(2048, 256, 8192)], "gpu": [(8192, 1536, 151936)]}
 CPU_BACKENDS = ["reference", "torch", "ce_none"]
@@ -70,10 +72,7 @@ def _step_fn(backend, hs, ws, targets, seg):
 
 def one(backend, N, H, V, dtype, device, repeats):
     hs, ws, targets, seg = _inputs(N, H, V, DTYPES[dtype], device)
-    try:
-        fn = _step_fn(backend, hs, ws, targets, seg)
-    except ImportError as e:
-        return {"skipped": str(e)}
+    fn = _step_fn(backend, hs, ws, targets, seg)  # ImportError: the row says "skipped"
 
     def step():
         for t in (hs[0], ws[0]):
@@ -82,55 +81,65 @@ def one(backend, N, H, V, dtype, device, repeats):
     return measure(step, device, repeats=repeats)
 
 
+def render(rows: list[dict]) -> str:
+    """The markdown table of one run's rows: time relative to (b) and to the GEMM floor."""
+    if not rows:
+        return "joint_logprobs: no rows"
+    info = rows[0]
+    base = {(r["N"], r["H"], r["V"]): r["ms"] for r in rows if r["backend"] == "ce_none" and "ms" in r}
+    table = []
+    for r in rows:
+        shape, b = f"{r['N']}x{r['H']}x{r['V']}", base.get((r["N"], r["H"], r["V"]))
+        if "ms" in r:
+            table.append([shape, r["backend"], r["ms"], r["peak_mb"], b / r["ms"] if b else None,
+                          r["ms"] / r["gemm_floor_ms"]])
+        else:
+            table.append([shape, r["backend"], None, None, None, r.get("skipped") or r.get("error")])
+    head = (f"joint_logprobs fwd+bwd, {info['models']} models, {info['dtype']}, {info['device']}, "
+            f"torch {info['torch']}, {info['date']}; matmul rate {info['gemm_tflops']:.1f} TFLOP/s\n\n")
+    return head + markdown_table(["N x H x V", "backend", "ms (median)", "peak MB",
+                                  "speed vs (b) 3x CE none", "x GEMM floor"], table)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--grid", choices=sorted(GRIDS), default=None)
     p.add_argument("--backends", nargs="*", default=None)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default="bench/results/joint_logprobs.jsonl")
+    p.add_argument("--table", metavar="JSONL", help="print the table of the last run in JSONL and exit")
     p.add_argument("--one", nargs=4, metavar=("BACKEND", "N", "H", "V"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.table:
+        print(render(read_runs(args.table, "joint_logprobs")))
+        return 0
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = "bfloat16" if device == "cuda" else "float32"
     if args.one:
         b, n, h, v = args.one
-        print(json.dumps(one(b, int(n), int(h), int(v), dtype, device, args.repeats)))
+        print(json.dumps(guarded(one, b, int(n), int(h), int(v), dtype, device, args.repeats)))
         return 0
     from bench.linear_ce import gemm_tflops
     info = machine()
     rate = gemm_tflops(device, dtype)
-    rows, table = [], []
+    rows = []
     for N, H, V in GRIDS[args.grid or ("gpu" if device == "cuda" else "cpu")]:
         # the GEMM floor: three forward head products and the policy's two backward ones
         floor_ms = 2 * N * H * V * (MODELS + 2) / (rate * 1e12) * 1e3
-        base = None
         for b in args.backends or (GPU_BACKENDS if device == "cuda" else CPU_BACKENDS):
             if device == "cuda":
                 torch.cuda.empty_cache()
-                try:
-                    r = one(b, N, H, V, dtype, device, args.repeats)
-                except Exception as e:  # noqa: BLE001 - a failing comparison row is reported
-                    r = {"error": f"{type(e).__name__}: {e}"[:200]}
+                r = guarded(one, b, N, H, V, dtype, device, args.repeats)
             else:
                 r = run_isolated("bench.joint_logprobs", ["--one", b, str(N), str(H), str(V),
                                                           "--repeats", str(args.repeats)])
-            rows.append({"bench": "joint_logprobs", "backend": b, "N": N, "H": H, "V": V,
-                         "models": MODELS, "dtype": dtype, "gemm_floor_ms": floor_ms, **info, **r})
-            if b == "ce_none" and "ms" in r:
-                base = r["ms"]
+            row = {"bench": "joint_logprobs", "backend": b, "N": N, "H": H, "V": V,
+                   "models": MODELS, "dtype": dtype, **info, **r, "gemm_floor_ms": floor_ms,
+                   "gemm_tflops": rate}
+            append_jsonl(args.out, [row])  # at once: a run cut short keeps what it measured
+            rows.append(row)
             print(f"  {b}: {r}", file=sys.stderr)
-        for row in rows:
-            if "ms" in row:
-                table.append([f"{N}x{H}x{V}", row["backend"], row["ms"], row["peak_mb"],
-                              base / row["ms"] if base else None, row["ms"] / floor_ms])
-            else:
-                table.append([f"{N}x{H}x{V}", row["backend"], None, None, None,
-                              row.get("skipped") or row.get("error")])
-    append_jsonl(args.out, rows)
-    print(f"\njoint_logprobs fwd+bwd, {MODELS} models, {dtype}, {info['device']}, torch "
-          f"{info['torch']}, {info['date']}; matmul rate {rate:.1f} TFLOP/s\n")
-    print(markdown_table(["N x H x V", "backend", "ms (median)", "peak MB",
-                          "speed vs (b) 3x CE none", "x GEMM floor"], table))
+    print("\n" + render(rows))
     print(json.dumps({"bench": "joint_logprobs", "machine": info, "rows": len(rows)}))
     return 0
 

@@ -1,12 +1,18 @@
 """Benchmark linear_cross_entropy backends: forward + backward time and peak memory.
 
     python -m bench.linear_ce                 # CPU: reduced grid, torch backends
-    python -m bench.linear_ce --grid gpu      # CUDA: N in {4096, 16384} x (H, V) of real models
+    python -m bench.linear_ce --grid gpu      # CUDA: N in {4096, 16384} x (H, V) of real models,
+                                              # and 16384 x 2048 x 248320 (CCE_SHAPE)
+    python -m bench.linear_ce --grid check    # CUDA: three of those (bench/gpu_check.sh)
+    python -m bench.linear_ce --shapes 16384x2048x248320 --backends triton liger cce
+    python -m bench.linear_ce --table bench/results/linear_ce.jsonl   # the last run's table
 
 On a CPU every (shape, backend) runs in its own process so peak memory is its own; on CUDA the
-allocator's peak is reset before each measurement. Rows are appended to
-bench/results/linear_ce.jsonl with the machine, versions and date; a markdown table is printed,
-with time and memory relative to the full-logits reference; the last line is the JSON summary.
+allocator's peak is reset before each measurement. Each row is appended to the JSONL file
+(default bench/results/linear_ce.jsonl) as soon as it is measured, with the machine, versions,
+date and run id; a row that fails (out of memory, an exception) records its error and the run goes
+on. Then a markdown table, with time and memory relative to the full-logits reference, and last
+the JSON summary line.
 """
 
 from __future__ import annotations
@@ -17,12 +23,17 @@ import sys
 
 import torch
 
-from bench.harness import append_jsonl, machine, markdown_table, measure, run_isolated
+from bench.harness import (append_jsonl, guarded, machine, markdown_table, measure, read_runs,
+                           run_isolated)
 
+# the large-vocabulary shape of the comparison with Cut Cross-Entropy and Liger (a 248k vocabulary)
+CCE_SHAPE = (16384, 2048, 248320)
 GRIDS = {
     "cpu": [(8192, 512, 32768), (2048, 256, 8192)],
     "gpu": [(n, h, v) for n in (4096, 16384)
-            for h, v in ((1536, 151936), (2048, 128256), (4096, 128256))],
+            for h, v in ((1536, 151936), (2048, 128256), (4096, 128256))] + [CCE_SHAPE],
+    # bench/gpu_check.sh's slice: a short and a long pack, and the CCE comparison
+    "check": [(4096, 1536, 151936), (16384, 2048, 128256), CCE_SHAPE],
 }
 CPU_BACKENDS = ["reference", "torch", "torch_f_chunked", "torch_f"]
 GPU_BACKENDS = ["reference", "compile", "torch", "triton", "torch_f_chunked", "liger", "cce"]
@@ -70,10 +81,7 @@ def one(backend: str, N: int, H: int, V: int, dtype: str, device: str, repeats: 
     """Measure one (backend, shape) in this process."""
     torch.manual_seed(0)
     dt = DTYPES[dtype]
-    try:
-        fn = _loss_fn(backend)
-    except ImportError as e:
-        return {"skipped": str(e)}
+    fn = _loss_fn(backend)  # ImportError: the row says "skipped"
     hidden = (torch.randn(N, H, device=device) / 4).to(dt).requires_grad_()
     weight = (torch.randn(V, H, device=device) / H ** 0.5).to(dt).requires_grad_()
     targets = torch.randint(0, V, (N,), device=device)
@@ -85,61 +93,82 @@ def one(backend: str, N: int, H: int, V: int, dtype: str, device: str, repeats: 
     return measure(step, device, repeats=repeats)
 
 
+def render(rows: list[dict]) -> str:
+    """The markdown table of one run's rows (time and memory relative to the reference row of the
+    same shape, time relative to the GEMM floor)."""
+    if not rows:
+        return "linear_ce: no rows"
+    info = rows[0]
+    ref = {(r["N"], r["H"], r["V"]): r for r in rows if r["backend"] == "reference" and "ms" in r}
+    table = []
+    for r in rows:
+        shape = f"{r['N']}x{r['H']}x{r['V']}"
+        base = ref.get((r["N"], r["H"], r["V"]))
+        if "ms" in r:
+            table.append([shape, r["backend"], r["ms"], r["peak_mb"],
+                          base["ms"] / r["ms"] if base else None,
+                          r["peak_mb"] / base["peak_mb"] if base and base["peak_mb"] else None,
+                          r["ms"] / r["gemm_floor_ms"], ""])
+        else:
+            table.append([shape, r["backend"], None, None, None, None, None,
+                          r.get("skipped") or r.get("error")])
+    head = (f"linear_ce fwd+bwd, {info['dtype']}, {info['device']}, torch {info['torch']}, "
+            f"{info['date']}; matmul rate {info['gemm_tflops']:.1f} TFLOP/s\n\n")
+    return head + markdown_table(["N x H x V", "backend", "ms (median)", "peak MB",
+                                  "speed vs reference", "memory / reference", "x GEMM floor",
+                                  "note"], table)
+
+
+def _shape(text: str) -> tuple[int, int, int]:
+    try:
+        n, h, v = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NxHxV, got {text!r}") from None
+    return n, h, v
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--grid", choices=sorted(GRIDS), default=None)
+    p.add_argument("--shapes", type=_shape, nargs="*", default=None, help="NxHxV ... (instead of a grid)")
     p.add_argument("--backends", nargs="*", default=None)
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES))
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default="bench/results/linear_ce.jsonl")
+    p.add_argument("--table", metavar="JSONL", help="print the table of the last run in JSONL and exit")
     p.add_argument("--one", nargs=4, metavar=("BACKEND", "N", "H", "V"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.table:
+        print(render(read_runs(args.table, "linear_ce")))
+        return 0
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
     if args.one:
         b, n, h, v = args.one
-        print(json.dumps(one(b, int(n), int(h), int(v), dtype, device, args.repeats)))
+        print(json.dumps(guarded(one, b, int(n), int(h), int(v), dtype, device, args.repeats)))
         return 0
-    grid = GRIDS[args.grid or ("gpu" if device == "cuda" else "cpu")]
+    grid = args.shapes or GRIDS[args.grid or ("gpu" if device == "cuda" else "cpu")]
     backends = args.backends or (GPU_BACKENDS if device == "cuda" else CPU_BACKENDS)
     info = machine()
     rate = gemm_tflops(device, dtype)
-    rows, table = [], []
+    rows = []
     for N, H, V in grid:
-        ref = None
+        # the GEMM floor: 6 N H V flops (the forward and two backward products) at the rate a
+        # large matmul of this dtype reaches on this device, measured in this run
+        floor_ms = 6 * N * H * V / (rate * 1e12) * 1e3
         for b in backends:
             if device == "cuda":  # the allocator's peak is reset per measurement: no new process
                 torch.cuda.empty_cache()
-                try:
-                    r = one(b, N, H, V, dtype, device, args.repeats)
-                except torch.OutOfMemoryError:
-                    r = {"error": "out of memory"}
-                    torch.cuda.empty_cache()
+                r = guarded(one, b, N, H, V, dtype, device, args.repeats)
             else:  # a CPU peak (max RSS) only rises: each measurement in its own process
                 r = run_isolated("bench.linear_ce", ["--one", b, str(N), str(H), str(V), "--dtype",
                                                       dtype, "--repeats", str(args.repeats)])
-            row = {"bench": "linear_ce", "backend": b, "N": N, "H": H, "V": V, "dtype": dtype, **info, **r}
+            row = {"bench": "linear_ce", "backend": b, "N": N, "H": H, "V": V, "dtype": dtype,
+                   **info, **r, "gemm_floor_ms": floor_ms, "gemm_tflops": rate}
+            append_jsonl(args.out, [row])  # at once: a run cut short keeps what it measured
             rows.append(row)
-            if "ms" in r and b == "reference":
-                ref = r
-            # the GEMM floor: 6 N H V flops (the forward and two backward products) at the rate
-            # a large matmul of this dtype reaches on this device, measured in this run
-            floor_ms = 6 * N * H * V / (rate * 1e12) * 1e3
-            row["gemm_floor_ms"], row["gemm_tflops"] = floor_ms, rate
-            if "ms" in r:
-                table.append([f"{N}x{H}x{V}", b, r["ms"], r["peak_mb"],
-                              ref["ms"] / r["ms"] if ref else None,
-                              r["peak_mb"] / ref["peak_mb"] if ref and ref["peak_mb"] else None,
-                              r["ms"] / floor_ms, ""])
-            else:
-                table.append([f"{N}x{H}x{V}", b, None, None, None, None, None,
-                              r.get("skipped") or r.get("error")])
             print(f"  {b:16s} N={N} H={H} V={V}: {r}", file=sys.stderr)
-    append_jsonl(args.out, rows)
-    print(f"\nlinear_ce fwd+bwd, {dtype}, {info['device']}, torch {info['torch']}, {info['date']}; "
-          f"matmul rate {rate:.1f} TFLOP/s\n")
-    print(markdown_table(["N x H x V", "backend", "ms (median)", "peak MB", "speed vs reference",
-                          "memory / reference", "x GEMM floor", "note"], table))
+    print("\n" + render(rows))
     print(json.dumps({"bench": "linear_ce", "machine": info, "rows": len(rows)}))
     return 0
 

@@ -23,7 +23,9 @@ causal attention 2 x layers x heads x head_dim x sum(len^2); training = 3 forwar
 reference 1 forward; activation-checkpoint recompute is not counted. MFU needs the device's dense
 bf16 peak (known cards, or ``--peak-tflops``); a CPU has none.
 
-Rows go to bench/results/train.jsonl; a markdown table is printed, then one JSON line.
+Each mode's row goes to bench/results/train.jsonl (--out) as soon as it is measured, a failed or
+timed-out mode (--mode-timeout) with its error; a markdown table is printed, then one JSON line.
+``--table JSONL`` prints a run's table from the file.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import time
 
 import torch
 
-from bench.harness import append_jsonl, machine, markdown_table, run_isolated
+from bench.harness import append_jsonl, machine, markdown_table, read_runs, run_isolated
 
 MODELS = {
     "demo": {},  # the demo's tiny Llama (polyfast.cli.DEMO_SFT), byte vocabulary
@@ -348,12 +350,46 @@ def _args(argv=None):
     p.add_argument("--compile", action="store_true", help="model.compile for the polyfast modes")
     p.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak, for MFU")
     p.add_argument("--out", default="bench/results/train.jsonl")
+    p.add_argument("--mode-timeout", type=float, default=3600, help="seconds per mode")
+    p.add_argument("--table", metavar="JSONL", help="print the table of the last run in JSONL and exit")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one mode in this process
     return p, p.parse_args(argv)
 
 
+def render(rows: list[dict]) -> str:
+    """The markdown table of one run's rows (tokens/s relative to the baseline of the same mode)."""
+    if not rows:
+        return "train: no rows"
+    info = rows[0]
+    tps = {(r["mode"], r["impl"]): r["tokens_per_s"] for r in rows if "tokens_per_s" in r}
+    table = []
+    for r in rows:
+        if "error" in r:
+            table.append([r["mode"], r["impl"], None, None, None, None, None, None,
+                          f"failed: {r['error']}"])
+            continue
+        base = tps.get((r["mode"], "baseline"))
+        table.append([r["mode"], r["impl"], r["steps"], r["tokens"], r["tokens_per_s"],
+                      r["step_ms"], r["peak_mb"],
+                      f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a",
+                      r["tokens_per_s"] / base if base else None])
+    flags = [f for f in ("activation_checkpointing", "liger", "compile") if info.get(f)]
+    out = (f"End-to-end training, model {info['model']}, packs of {info['max_tokens']} tokens, "
+           f"grad_accum {info['grad_accum']}{', ' + ', '.join(flags) if flags else ''}; "
+           f"{info['device']}, torch {info['torch']}, {info['date']}\n\n")
+    out += markdown_table(["mode", "impl", "steps", "real tokens", "tokens/s", "step ms",
+                           "peak MB", "MFU", "vs baseline"], table)
+    sft, hdpo = tps.get(("sft", "polyfast")), tps.get(("hdpo", "polyfast"))
+    if sft and hdpo:
+        out += f"\n\nHDPO / SFT tokens/s (polyfast): {hdpo / sft:.2f}"
+    return out
+
+
 def main(argv=None) -> int:
     _, args = _args(argv)
+    if args.table:
+        print(render(read_runs(args.table, "train")))
+        return 0
     if args.one:
         print(json.dumps(run_one(args.one, args)))
         return 0
@@ -362,40 +398,27 @@ def main(argv=None) -> int:
     passthrough = list(argv if argv is not None else sys.argv[1:])
     rows = []
     for mode in args.modes:
-        r = run_isolated("bench.train", ["--one", mode, *passthrough], timeout=3600)
+        r = run_isolated("bench.train", ["--one", mode, *passthrough], timeout=args.mode_timeout)
+        kind, impl = mode.split(":")
+        row = {"bench": "train", "model": args.model, "max_tokens": args.max_tokens,
+               "grad_accum": args.grad_accum, "activation_checkpointing":
+               args.activation_checkpointing, "liger": args.liger, "compile": args.compile,
+               **info, "mode": kind, "impl": impl, **r}
         if "error" in r:
             print(f"  {mode}: failed: {r['error']}", file=sys.stderr)
-            continue
-        r["mfu"] = r["flops_per_s"] / peak if peak else None
-        rows.append({"bench": "train", "model": args.model, "max_tokens": args.max_tokens,
-                     "grad_accum": args.grad_accum, "activation_checkpointing":
-                     args.activation_checkpointing, "liger": args.liger, "compile": args.compile,
-                     **info, **r})
-        append_jsonl(args.out, rows[-1:])  # row by row: a run cut short keeps what it measured
-        print(f"  {mode}: {r['tokens_per_s']:,.0f} tokens/s, {r['step_ms']:,.0f} ms/step, "
-              f"{r['peak_mb']:,.0f} MB" + (f", MFU {100 * r['mfu']:.1f}%" if r["mfu"] else ""),
-              file=sys.stderr)
-    tps = {(r["mode"], r["impl"]): r["tokens_per_s"] for r in rows}
-    table = []
-    for r in rows:
-        base = tps.get((r["mode"], "baseline"))
-        table.append([r["mode"], r["impl"], r["steps"], r["tokens"], r["tokens_per_s"],
-                      r["step_ms"], r["peak_mb"],
-                      f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a",
-                      r["tokens_per_s"] / base if base else None])
-    flags = [f for f in ("activation_checkpointing", "liger", "compile") if getattr(args, f)]
-    print(f"\nEnd-to-end training, model {args.model}, packs of {args.max_tokens} tokens, "
-          f"grad_accum {args.grad_accum}{', ' + ', '.join(flags) if flags else ''}; "
-          f"{info['device']}, torch {info['torch']}, {info['date']}\n")
-    print(markdown_table(["mode", "impl", "steps", "real tokens", "tokens/s", "step ms",
-                          "peak MB", "MFU", "vs baseline"], table))
-    sft, hdpo = tps.get(("sft", "polyfast")), tps.get(("hdpo", "polyfast"))
-    if sft and hdpo:
-        print(f"\nHDPO / SFT tokens/s (polyfast): {hdpo / sft:.2f}")
+        else:
+            row["mfu"] = r["flops_per_s"] / peak if peak else None
+            print(f"  {mode}: {r['tokens_per_s']:,.0f} tokens/s, {r['step_ms']:,.0f} ms/step, "
+                  f"{r['peak_mb']:,.0f} MB" + (f", MFU {100 * row['mfu']:.1f}%" if row["mfu"] else ""),
+                  file=sys.stderr)
+        append_jsonl(args.out, [row])  # row by row: a run cut short keeps what it measured
+        rows.append(row)
+    print("\n" + render(rows))
+    ok = [r for r in rows if "error" not in r]
     print(json.dumps({"bench": "train", "machine": info, "model": args.model,
-                      "tokens_per_s": {f"{m}:{i}": v for (m, i), v in tps.items()},
-                      "mfu": {f"{r['mode']}:{r['impl']}": r["mfu"] for r in rows}}))
-    return 0 if len(rows) == len(args.modes) else 1
+                      "tokens_per_s": {f"{r['mode']}:{r['impl']}": r["tokens_per_s"] for r in ok},
+                      "mfu": {f"{r['mode']}:{r['impl']}": r["mfu"] for r in ok}}))
+    return 0 if len(ok) == len(rows) else 1
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ Backends, chosen per call:
   the off-target sum-exp and the target logit, turns them into the token's log-prob
   (-log1p(S_off exp(max - z_y)), exact when p(target) -> 1), writes it, and adds it to its
   segment's sum with an fp32 atomic: the (M, S) sums leave the kernel reduced. Up to three models
-  (policy, reference, critic) with their own hidden sizes and softcaps share the launch. Backward
+  (policy, reference, critic) with their own hidden sizes and softcaps share the launch, in one
+  compute dtype (``linear_ce.compute_dtype`` of all their operands: bf16 under autocast). Backward
   only for the models that need it: from d(sums) (M, S) each token's weight is -d(sums)[m, seg_t],
   and the recompute-and-atomics backward of linear_cross_entropy does the rest; frozen models keep
   nothing for backward.
@@ -25,6 +26,10 @@ Backends, chosen per call:
 - "reference": full log-softmax per model in fp32 (fp64 for fp64 inputs), then the scatter-add: the
   oracle of tests and benchmarks.
 - "auto": "triton" for CUDA tensors, "torch" otherwise.
+
+Bad ids (a scored token's target outside [0, V), a segment id >= num_segments) raise a
+ValueError on CPU tensors and with POLYFAST_CHECK_IDS=1; on CUDA by default they poison the sums
+and the rows' log-probs with NaN on the device (see linear_ce), never writing out of bounds.
 
 Shapes: hiddens[m] (N, H_m), weights[m] (V, H_m), targets (N,), segment_ids (N,) int.
 Returns logp_sums (M, S) fp32 (fp64 under the fp64 reference), token_counts (S,) int64 and, with
@@ -49,20 +54,31 @@ MAX_TRITON_MODELS = 3
 IGNORE_INDEX = -100
 
 
-def _check(hiddens, weights, targets, segment_ids, softcaps, requires_grad):
+def _check(hiddens, weights, targets, segment_ids, num_segments, softcaps, requires_grad):
     M = len(hiddens)
     if M == 0 or len(weights) != M:
         raise ValueError(f"need one weight per hidden, got {M} hiddens and {len(weights)} weights")
     N = targets.shape[0]
+    V = weights[0].shape[0]
     for m, (h, w) in enumerate(zip(hiddens, weights)):
-        if h.shape[0] != N or h.shape[1] != w.shape[1] or w.shape[0] != weights[0].shape[0]:
+        if h.dim() != 2 or w.dim() != 2 or h.shape[0] != N or h.shape[1] != w.shape[1] \
+                or w.shape[0] != V:
             raise ValueError(f"model {m}: hidden {tuple(h.shape)} / weight {tuple(w.shape)} do not "
-                             f"fit N={N}, V={weights[0].shape[0]}")
+                             f"fit N={N}, V={V}")
+    if targets.dim() != 1 or targets.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"targets must be (N,) int32/int64, got {tuple(targets.shape)} {targets.dtype}")
     if segment_ids.shape != targets.shape:
         raise ValueError(f"segment_ids {tuple(segment_ids.shape)} != targets {tuple(targets.shape)}")
+    if segment_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"segment_ids must be int32/int64, got {segment_ids.dtype}")
+    if int(num_segments) != num_segments or num_segments < 0:
+        raise ValueError(f"num_segments must be a non-negative int, got {num_segments!r}")
     for name, seq in (("softcaps", softcaps), ("requires_grad", requires_grad)):
         if seq is not None and len(seq) != M:
             raise ValueError(f"{name} needs one entry per model ({M}), got {len(seq)}")
+    unscored = segment_ids < 0
+    _lce.check_ids(segment_ids, num_segments, "segment_ids", skip=unscored)
+    _lce.check_ids(targets, V, "targets (of scored tokens)", skip=unscored)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,20 +89,18 @@ if HAS_TRITON:
     @triton.jit
     def _joint_fwd_kernel(h0, w0, H0, sh0, sw0, cap0, h1, w1, H1, sh1, sw1, cap1,
                           h2, w2, H2, sh2, sw2, cap2, y_ptr, seg_ptr, lp_ptr, ce_ptr, lse_ptr,
-                          sums_ptr, N, V, S, NUM_MODELS: tl.constexpr, CAP0: tl.constexpr,
-                          CAP1: tl.constexpr, CAP2: tl.constexpr, EVEN0: tl.constexpr,
-                          EVEN1: tl.constexpr, EVEN2: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                          sums_ptr, N, V, S, NUM_MODELS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
                           DOT_PRECISION: tl.constexpr):
         # grid (row blocks, models): token log-probs (M, N), per-row CE and lse (M, N), and the
-        # per-segment sums (M, S) by atomics
+        # per-segment sums (M, S) by atomics. cap_m = 0: model m has no softcap.
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
         rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         seg = tl.load(seg_ptr + rows, mask=row_ok, other=-1)
         y = tl.load(y_ptr + rows, mask=row_ok, other=-1)
-        scored = row_ok & (seg >= 0)
+        scored = row_ok & (seg >= 0) & (seg < S)  # (an id >= S is poisoned by the launcher)
         ce = tl.zeros((BLOCK_N,), dtype=tl.float32)
         lse = tl.zeros((BLOCK_N,), dtype=tl.float32)
         if tl.max(scored.to(tl.int32), axis=0) > 0:
@@ -94,16 +108,18 @@ if HAS_TRITON:
             s = tl.zeros((BLOCK_N,), dtype=tl.float32)
             zt = tl.zeros((BLOCK_N,), dtype=tl.float32)
             if pid_m == 0:
-                m, s, zt = _lce._row_stats(h0, w0, y, rows, row_ok, 0, V, H0, sh0, sw0, cap0, CAP0,
-                                      BLOCK_N, BLOCK_V, BLOCK_H, EVEN0, DOT_PRECISION)
+                m, s, zt = _lce._row_stats(h0, w0, y, rows, row_ok, 0, V, H0, sh0, sw0, cap0,
+                                           HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION)
             if NUM_MODELS > 1:
                 if pid_m == 1:
-                    m, s, zt = _lce._row_stats(h1, w1, y, rows, row_ok, 0, V, H1, sh1, sw1, cap1, CAP1,
-                                          BLOCK_N, BLOCK_V, BLOCK_H, EVEN1, DOT_PRECISION)
+                    m, s, zt = _lce._row_stats(h1, w1, y, rows, row_ok, 0, V, H1, sh1, sw1, cap1,
+                                               HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_H,
+                                               DOT_PRECISION)
             if NUM_MODELS > 2:
                 if pid_m == 2:
-                    m, s, zt = _lce._row_stats(h2, w2, y, rows, row_ok, 0, V, H2, sh2, sw2, cap2, CAP2,
-                                          BLOCK_N, BLOCK_V, BLOCK_H, EVEN2, DOT_PRECISION)
+                    m, s, zt = _lce._row_stats(h2, w2, y, rows, row_ok, 0, V, H2, sh2, sw2, cap2,
+                                               HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_H,
+                                               DOT_PRECISION)
             # CE = lse - z_y = log1p(s exp(m - z_y)); log1p(r) = log(u) r / (u - 1), u = 1 + r,
             # exact in fp32 (no libdevice needed)
             gap = m - zt
@@ -121,64 +137,82 @@ if HAS_TRITON:
 
 
 def _launch_joint_fwd(hiddens, weights, targets, segs, S, softcaps):
-    """(token log-probs, CE, lse), each (M, N) fp32, and the (M, S) fp32 sums."""
+    """(token log-probs, CE, lse), each (M, N) fp32, and the (M, S) fp32 sums. hiddens[m] (N, H_m)
+    and weights[m] (V, H_m) as ``linear_ce.padded`` makes them, all of one compute dtype;
+    targets (N,) int64 (0 where not scored), segs (N,) int64."""
     M, N, V = len(hiddens), targets.shape[0], weights[0].shape[0]
     device = targets.device
-    lp = torch.empty(M, N, device=device, dtype=torch.float32)
-    ce, lse = torch.empty_like(lp), torch.empty_like(lp)
+    lp = torch.zeros(M, N, device=device, dtype=torch.float32)
+    ce, lse = torch.zeros_like(lp), torch.zeros_like(lp)
     sums = torch.zeros(M, S, device=device, dtype=torch.float32)
-    bn, bv, bh, warps, stages = _lce._CONFIGS[_lce._family(device)]["fwd"]
-    args, flags = [], {}
+    if N == 0:
+        return lp, ce, lse, sums
+    dtype = hiddens[0].dtype
+    bn, bv, bh, warps, stages = _lce.pinned_config("joint", device, dtype)
+    args = []
     for m in range(MAX_TRITON_MODELS):
         k = min(m, M - 1)  # unused slots repeat the last model; the kernel never reads them
         h, w = hiddens[k], weights[k]
-        args += [h, w, h.shape[1], h.stride(0), w.stride(0), float(softcaps[k] or 1.0)]
-        flags[f"CAP{m}"] = softcaps[k] is not None
-        flags[f"EVEN{m}"] = h.shape[1] % bh == 0
-    dtypes = {h.dtype for h in hiddens}
-    precision = _lce._dot_precision(hiddens[0].dtype) if len(dtypes) == 1 else "ieee"
+        args += [h, w, h.shape[1], h.stride(0), w.stride(0), float(softcaps[k] or 0.0)]
     _joint_fwd_kernel[(triton.cdiv(N, bn), M)](
-        *args, targets, segs, lp, ce, lse, sums, N, V, S, NUM_MODELS=M, **flags, BLOCK_N=bn,
-        BLOCK_V=bv, BLOCK_H=bh, DOT_PRECISION=precision, num_warps=warps, num_stages=stages)
+        *args, targets, segs, lp, ce, lse, sums, N, V, S, NUM_MODELS=M,
+        HAS_SOFTCAP=any(c is not None for c in softcaps), BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh,
+        DOT_PRECISION=_lce.dot_precision(dtype), num_warps=warps, num_stages=stages)
     return lp, ce, lse, sums
 
 
 class _TritonJoint(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, targets, segs, num_segments, softcaps, grads, *tensors):
+    def forward(ctx, targets, segs, num_segments, softcaps, grads, dtype, *tensors):
         M = len(tensors) // 2
         ctx.orig = [(tensors[2 * m].dtype, tensors[2 * m + 1].dtype) for m in range(M)]
-        hiddens = [tensors[2 * m].contiguous() for m in range(M)]
-        weights = [tensors[2 * m + 1].to(hiddens[m].dtype).contiguous() for m in range(M)]
-        y = torch.where(segs >= 0, targets, 0)
-        lp, ce, lse, sums = _launch_joint_fwd(hiddens, weights, y, segs, num_segments, softcaps)
+        with _lce.no_autocast(targets.device.type):
+            hiddens, weights = [], []
+            for m in range(M):  # (N, Hp_m), (V, Hp_m): H padded as the kernels need it
+                Hp = _lce.padded_size(tensors[2 * m].shape[1], targets.device)
+                hiddens.append(_lce.padded(tensors[2 * m], dtype, Hp))
+                weights.append(_lce.padded(tensors[2 * m + 1], dtype, Hp))
+            segs = segs.long().contiguous()
+            scored = segs >= 0
+            _, in_range, y = _lce._target_rows(torch.where(scored, targets, IGNORE_INDEX),
+                                               IGNORE_INDEX, weights[0].shape[0])
+            lp, ce, lse, sums = _launch_joint_fwd(hiddens, weights, y.contiguous(), segs,
+                                                  num_segments, softcaps)
+            # bad ids (possible only with the id check off) poison their rows and all the sums
+            bad = (scored & ~in_range) | (segs >= num_segments)
+            lp = torch.where(bad, float("nan"), lp)
+            ce = torch.where(bad, float("nan"), ce)
+            sums = sums + torch.where(bad.any(), float("nan"), 0.0)
         saved = [y, segs, ce, lse]
         ctx.trainable = [m for m in range(M) if grads[m]]
+        ctx.sizes = [tensors[2 * m].shape[1] for m in range(M)]
         for m in ctx.trainable:  # frozen models keep nothing
             saved += [hiddens[m], weights[m]]
         ctx.save_for_backward(*saved)
-        ctx.softcaps, ctx.M = softcaps, M
+        ctx.softcaps, ctx.M, ctx.S = softcaps, M, num_segments
         return sums, lp
 
     @staticmethod
     def backward(ctx, d_sums, d_lp):
         y, segs, ce, lse, *rest = ctx.saved_tensors
         grads = [None] * (2 * ctx.M)
-        scored = segs >= 0
+        scored = (segs >= 0) & (segs < ctx.S)
         seg = torch.where(scored, segs, 0)
-        for k, m in enumerate(ctx.trainable):
-            h, w = rest[2 * k], rest[2 * k + 1]
-            # logp = -CE: each token's CE weight is -(d sums[m, seg_t] + d lp[m, t])
-            g = -(d_sums[m].float().gather(0, seg) + d_lp[m].float())
-            g = torch.where(scored, g, 0.0).contiguous()
-            need_h = ctx.needs_input_grad[5 + 2 * m]
-            need_w = ctx.needs_input_grad[6 + 2 * m]
-            zt = lse[m] - ce[m]
-            y_m = torch.where(scored, y, -100)
-            dh, dw = _lce.ce_backward(h, w, y_m, -100, g, ce[m], lse[m], zt, ctx.softcaps[m],
-                                      need_h, need_w, weight_dtype=ctx.orig[m][1])
-            grads[2 * m], grads[2 * m + 1] = dh, dw
-        return (None, None, None, None, None, *grads)
+        with _lce.no_autocast(y.device.type):
+            for k, m in enumerate(ctx.trainable):
+                h, w = rest[2 * k], rest[2 * k + 1]
+                # logp = -CE: each token's CE weight is -(d sums[m, seg_t] + d lp[m, t])
+                g = -(d_sums[m].float().gather(0, seg) + d_lp[m].float())
+                g = torch.where(scored, g, 0.0).contiguous()
+                need_h = ctx.needs_input_grad[6 + 2 * m]
+                need_w = ctx.needs_input_grad[7 + 2 * m]
+                zt = lse[m] - ce[m]
+                y_m = torch.where(scored, y, IGNORE_INDEX)
+                dh, dw = _lce.ce_backward(h, w, y_m, IGNORE_INDEX, g, ce[m], lse[m], zt,
+                                          ctx.softcaps[m], need_h, need_w, dtypes=ctx.orig[m],
+                                          H=ctx.sizes[m])
+                grads[2 * m], grads[2 * m + 1] = dh, dw
+        return (None, None, None, None, None, None, *grads)
 
 
 def joint_logprobs_triton(hiddens, weights, targets, segment_ids, num_segments, *, softcaps=None,
@@ -187,7 +221,7 @@ def joint_logprobs_triton(hiddens, weights, targets, segment_ids, num_segments, 
     under TRITON_INTERPRET=1; up to three models."""
     if not HAS_TRITON:
         raise RuntimeError("the triton backend needs the triton package")
-    _check(hiddens, weights, targets, segment_ids, softcaps, requires_grad)
+    _check(hiddens, weights, targets, segment_ids, num_segments, softcaps, requires_grad)
     M = len(hiddens)
     if M > MAX_TRITON_MODELS:
         raise ValueError(f"the triton backend takes up to {MAX_TRITON_MODELS} models, got {M}")
@@ -197,15 +231,22 @@ def joint_logprobs_triton(hiddens, weights, targets, segment_ids, num_segments, 
     softcaps = list(softcaps) if softcaps is not None else [None] * M
     if requires_grad is None:
         requires_grad = [h.requires_grad or w.requires_grad for h, w in zip(hiddens, weights)]
+    dtype = _lce.compute_dtype(*hiddens, *weights)
+    _lce.dot_precision(dtype)  # a clear error for float64
     tensors = []
     for h, w, g in zip(hiddens, weights, requires_grad):
         tensors += [h, w] if g else [h.detach(), w.detach()]
-    sums, lp = _TritonJoint.apply(targets, segment_ids.long(), num_segments, softcaps,
-                                  list(requires_grad), *tensors)
-    counts = torch.zeros(num_segments, dtype=torch.int64, device=targets.device)
-    counts.index_add_(0, torch.where(segment_ids >= 0, segment_ids, 0).long(),
-                      (segment_ids >= 0).long())
+    sums, lp = _TritonJoint.apply(targets, segment_ids, num_segments, softcaps,
+                                  list(requires_grad), dtype, *tensors)
+    counts = _segment_counts(segment_ids, num_segments)
     return (sums, counts, lp) if return_token_logprobs else (sums, counts)
+
+
+def _segment_counts(segment_ids, num_segments):
+    # (S,) int64: scored tokens per segment (ids >= num_segments counted nowhere)
+    scored = (segment_ids >= 0) & (segment_ids < num_segments)
+    counts = torch.zeros(num_segments, dtype=torch.int64, device=segment_ids.device)
+    return counts.index_add_(0, torch.where(scored, segment_ids, 0).long(), scored.long())
 
 
 def _token_logprobs(fn, h, w, targets, softcap):
@@ -230,12 +271,12 @@ def joint_logprobs(hiddens: Sequence[torch.Tensor], weights: Sequence[torch.Tens
         return joint_logprobs_triton(hiddens, weights, targets, segment_ids, num_segments,
                                      softcaps=softcaps, requires_grad=requires_grad,
                                      return_token_logprobs=return_token_logprobs)
-    _check(hiddens, weights, targets, segment_ids, softcaps, requires_grad)
+    _check(hiddens, weights, targets, segment_ids, num_segments, softcaps, requires_grad)
     M = len(hiddens)
     softcaps = list(softcaps) if softcaps is not None else [None] * M
     if requires_grad is None:
         requires_grad = [h.requires_grad or w.requires_grad for h, w in zip(hiddens, weights)]
-    scored = segment_ids >= 0
+    scored = (segment_ids >= 0) & (segment_ids < num_segments)
     t = torch.where(scored, targets, IGNORE_INDEX)
     seg = torch.where(scored, segment_ids, 0).long()
     fn = linear_ce_reference if backend == "reference" else linear_ce_torch
@@ -248,8 +289,9 @@ def joint_logprobs(hiddens: Sequence[torch.Tensor], weights: Sequence[torch.Tens
                 per_token.append(_token_logprobs(fn, h.detach(), w.detach(), t, cap))
     token_lp = torch.stack(per_token)  # (M, N)
     sums = token_lp.new_zeros(M, num_segments).index_add(1, seg, token_lp)  # (M, S)
-    counts = torch.zeros(num_segments, dtype=torch.int64, device=targets.device)
-    counts.index_add_(0, seg, scored.long())
+    # a segment id >= num_segments (possible only with the id check off) poisons all the sums
+    sums = sums + torch.where((segment_ids >= num_segments).any(), float("nan"), 0.0)
+    counts = _segment_counts(segment_ids, num_segments)
     if return_token_logprobs:
         return sums, counts, token_lp
     return sums, counts

@@ -7,8 +7,10 @@ attention function; nothing in transformers is patched.
 
 Backends, chosen per call:
 - CUDA: flash-attn's ``flash_attn_varlen_func`` when installed, else
-  ``torch.nn.attention.varlen.varlen_attn`` (torch >= 2.9); softcapping or a backend that lacks a
-  feature falls back to the per-example loop below.
+  ``torch.nn.attention.varlen.varlen_attn`` (torch >= 2.9), in the autocast dtype under autocast
+  (16-bit only); fp32 attention (``model.dtype: float32``), a head dimension FlashAttention does
+  not take (not a multiple of 8, or over 256), softcapping or a backend that lacks a feature falls
+  back to the per-example loop below.
 - CPU (and fallback): a loop over examples with ``scaled_dot_product_attention`` (is_causal), or an
   explicit softmax when the model uses attention-logit softcapping (Gemma-2) or a sliding window.
 
@@ -73,6 +75,14 @@ def _loop_attention(q, k, v, cu, scale, softcap, window):
     return out
 
 
+def varlen_kernel_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the CUDA varlen kernels take these (T, H, D) inputs: one 16-bit dtype, and a head
+    dimension FlashAttention supports (a multiple of 8, at most 256)."""
+    D = q.shape[-1]
+    return (q.dtype in (torch.float16, torch.bfloat16) and q.dtype == k.dtype == v.dtype
+            and D % 8 == 0 and D <= 256 and k.shape[-1] == D)
+
+
 def _cuda_varlen(q, k, v, cu, max_len, scale, softcap, window, groups):
     # q: (T, Hq, D), k/v: (T, Hkv, D) -> (T, Hq, D), or None when no CUDA backend fits
     if _flash_varlen is not None:
@@ -124,11 +134,17 @@ def packed_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
             raise ValueError(f"packed batches have one row, got batch size {B}")
         max_len = int(kwargs.get("max_length_q") or T)
     if query.is_cuda:
-        out = _cuda_varlen(query[0].transpose(0, 1), key[0].transpose(0, 1),
-                           value[0].transpose(0, 1), cu.to(torch.int32), max_len, scale,
-                           softcap, window, groups)
-        if out is not None:
-            return out.unsqueeze(0), None  # (1, T, Hq, D)
+        q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (T, H, D)
+        if torch.is_autocast_enabled("cuda"):
+            # the projections ran in the autocast dtype, but RoPE multiplies q and k by fp32
+            # cos / sin (HF computes them in the fp32 hidden states' dtype): the varlen kernels,
+            # like SDPA under autocast, take the autocast dtype
+            dtype = torch.get_autocast_dtype("cuda")
+            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        if varlen_kernel_fits(q, k, v):
+            out = _cuda_varlen(q, k, v, cu.to(torch.int32), max_len, scale, softcap, window, groups)
+            if out is not None:
+                return out.unsqueeze(0), None  # (1, T, Hq, D)
     starts = cu.tolist()  # CPU path: one host sync per layer, fine on a CPU
     out = _loop_attention(query[0], _repeat_kv(key[0], groups, 0), _repeat_kv(value[0], groups, 0),
                           starts, scale, softcap, window)  # (Hq, T, D)

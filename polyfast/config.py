@@ -78,6 +78,8 @@ class TrainConfig:
     grad_clip: float | None = 1.0
     loss_backend: Literal["auto", "triton", "torch", "reference"] = "auto"
     device: str = "auto"                 # auto | cpu | cuda | cuda:N
+    tf32: bool = False                   # fp32 CUDA matmuls (trunk and loss head) on TF32 tensor
+                                         # cores; for model.dtype float32 (auto/bf16 compute in bf16)
     num_threads: int | None = None       # torch CPU threads
     log_every: int = 1
     eval_every: int = 0                  # steps; 0 = before and after training only

@@ -3,6 +3,7 @@ the trunk's hidden states (``model.model(...)``), the head weight and the final-
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import Counter
 
@@ -26,6 +27,30 @@ def resolve_device(name: str = "auto") -> torch.device:
 def param_dtype(cfg: ModelConfig) -> torch.dtype:
     # "auto": fp32 parameters everywhere; CUDA runs the forward under bf16 autocast
     return torch.float32 if cfg.dtype == "auto" else _DTYPES[cfg.dtype]
+
+
+def autocast_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype | None:
+    """The compute dtype training runs under autocast: bf16 for ``model.dtype: auto`` on CUDA
+    (fp32 master weights, bf16 matmuls in the trunk and in the loss head), None elsewhere (the
+    weights' dtype is the compute dtype)."""
+    return torch.bfloat16 if cfg.dtype == "auto" and device.type == "cuda" else None
+
+
+def autocast_context(cfg: ModelConfig, device: torch.device):
+    """A fresh context manager for ``autocast_dtype`` (autocast objects must not be re-entered
+    while active, so callers ask for a new one each time)."""
+    dtype = autocast_dtype(cfg, device)
+    return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+
+def set_tf32(enabled: bool) -> None:
+    """Let fp32 CUDA matmuls (the trunk's and the loss kernels') use TF32 tensor cores."""
+    if not enabled:
+        return
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # torch >= 2.9
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+    else:  # pragma: no cover - older torch
+        torch.backends.cuda.matmul.allow_tf32 = True
 
 
 def tiny_config(tiny: TinyModelConfig, tokenizer):
@@ -68,8 +93,10 @@ def load_model(cfg: ModelConfig, tokenizer, *, packed: bool = True, seed: int = 
             trust_remote_code=cfg.trust_remote_code)
     else:
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(tiny_config(cfg.tiny, tokenizer), dtype=dtype,
-                                                 attn_implementation=attn)
+        # initialised where it will run: a GPU draws a 1.5B-parameter init in a second, a CPU not
+        with torch.device(device or "cpu"):
+            model = AutoModelForCausalLM.from_config(tiny_config(cfg.tiny, tokenizer), dtype=dtype,
+                                                     attn_implementation=attn)
     if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
         raise ConfigError("model.tokenizer", f"the tokenizer has {len(tokenizer)} tokens, the model "
                           f"only {model.get_input_embeddings().weight.shape[0]} embeddings")
@@ -157,17 +184,21 @@ def logit_softcap(model) -> float | None:
 class TrunkHead(torch.nn.Module):
     """Runs the trunk and hands (hidden states, head weight) to ``fn`` inside one forward, so that
     a sharded (FSDP2) policy has its embedding / head gathered while the loss kernel reads them.
-    Unsharded, it is a plain call."""
+    Unsharded, it is a plain call.
+
+    ``autocast`` (a callable returning a context manager, e.g. ``autocast_context`` bound to a
+    config) covers the trunk and ``fn`` alike: the loss kernels take their compute dtype from it
+    (HF models hand out fp32 hidden states under autocast: residual stream and final norm stay
+    fp32), so the head runs on the same 16-bit tensor cores as the trunk."""
 
     def __init__(self, lm):
         super().__init__()
         self.lm = lm
 
     def forward(self, batch, fn, autocast=None):
-        import contextlib
-        with autocast or contextlib.nullcontext():
+        with autocast() if autocast else contextlib.nullcontext():
             hidden = hidden_states(self.lm, batch)  # (B*T, H)
-        return fn(hidden, head_weight(self.lm))
+            return fn(hidden, head_weight(self.lm))
 
 
 def hidden_states(model, batch) -> torch.Tensor:

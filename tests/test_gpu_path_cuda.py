@@ -12,6 +12,7 @@ pytestmark = [pytest.mark.cuda,
 
 
 def test_liger_modules_give_the_same_step(tmp_path):
+    pytest.importorskip("liger_kernel", reason="liger-kernel is not installed")
     plain = _trainer(tmp_path / "p", **{"train.device": "cuda"})
     liger = _trainer(tmp_path / "l", **{"train.device": "cuda", "model.liger": True})
     pack = plain.step_packs(0)[0]

@@ -120,3 +120,20 @@ def test_a_critic_that_is_the_reference_is_held_once_and_gives_the_same_loss(sft
     assert regs[0].abs().sum() > 0  # the critic's distances take part in the loss
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
     assert torch.allclose(regs[0], regs[1], rtol=1e-6, atol=1e-8)
+
+
+def test_model_dtype_auto_on_cuda_runs_the_joint_pass_in_bf16(sft_checkpoint, tmp_path,
+                                                              monkeypatch):
+    # as tests/test_sft.py checks for SFT: the policy's and the frozen reference's heads get the
+    # autocast dtype the trainer picks for CUDA, though their hidden states and weights are fp32
+    from tests.utils import step_under_cuda_autocast
+    cfg = load_config(HDPOConfig, None, [], extra={
+        "model.path": sft_checkpoint, "run_dir": str(tmp_path / "h"), "hdpo.distance": "feature",
+        "hdpo.min_bucket_size": 3, "hdpo.loss_backend": "torch", "train.progress": False})
+    tr = HDPOTrainer(cfg, pairs=_pairs(12, 11))
+    out, seen = step_under_cuda_autocast(tr, monkeypatch)
+    assert len(seen) >= 2 and set(seen) == {(torch.bfloat16, torch.bfloat16)}  # policy + reference
+    assert torch.isfinite(out["loss"])
+    assert torch.is_autocast_enabled("cpu") is False  # the contexts closed behind the step
+    grads = [p.grad for p in tr.model.parameters() if p.grad is not None]
+    assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)

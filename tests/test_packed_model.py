@@ -55,3 +55,18 @@ def test_unpacked_rows_get_plain_causal_attention():
     set_packed(model, False)
     ref = model.model(input_ids=ids).last_hidden_state
     assert (out - ref).abs().max() <= 1e-5
+
+
+def test_varlen_kernels_only_get_inputs_they_take():
+    # the CUDA varlen kernels take one 16-bit dtype and head dims that are multiples of 8 up to
+    # 256; anything else (fp32 training, the tiny test models' head dim 12) takes the loop
+    from polyfast.attention import varlen_kernel_fits
+    x = torch.zeros(10, 4, 64, dtype=torch.bfloat16)
+    assert varlen_kernel_fits(x, x, x)
+    assert varlen_kernel_fits(x.half(), x.half(), x.half())
+    assert not varlen_kernel_fits(x.float(), x.float(), x.float())
+    assert not varlen_kernel_fits(x, x.float(), x)
+    odd = torch.zeros(10, 4, 12, dtype=torch.bfloat16)
+    assert not varlen_kernel_fits(odd, odd, odd)
+    wide = torch.zeros(10, 4, 512, dtype=torch.bfloat16)
+    assert not varlen_kernel_fits(wide, wide, wide)

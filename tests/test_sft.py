@@ -162,3 +162,23 @@ def test_activation_checkpointing_gives_the_same_gradients(tmp_path):
         tr.forward_backward([tr.data.train[:3]])
         out.append(_grads(tr))
     assert (ga[0] - gb[0]).abs().max() <= 1e-6 * ga[0].abs().max()
+
+
+def test_model_dtype_auto_on_cuda_runs_the_loss_head_in_bf16(tmp_path, monkeypatch):
+    # model.dtype auto on CUDA: fp32 weights under bf16 autocast. HF models hand the loss fp32
+    # hidden states even then (residual stream and final norm stay fp32), so the loss op must take
+    # its compute dtype from autocast. The step runs here on the CPU, under the autocast dtype the
+    # trainer picks for CUDA, and records what reaches the head's matmuls.
+    from polyfast.config import ModelConfig
+    from polyfast.model import autocast_dtype
+    from tests.utils import step_under_cuda_autocast
+    assert autocast_dtype(ModelConfig(), torch.device("cuda")) == torch.bfloat16
+    assert autocast_dtype(ModelConfig(), torch.device("cpu")) is None
+    assert autocast_dtype(ModelConfig(dtype="float32"), torch.device("cuda")) is None
+    tr = _trainer(tmp_path, **{"train.loss_backend": "torch"})
+    out, seen = step_under_cuda_autocast(tr, monkeypatch)
+    assert seen and set(seen) == {(torch.bfloat16, torch.bfloat16)}
+    assert torch.isfinite(out["loss"])
+    params = [p for p in tr.model.parameters() if p.grad is not None]
+    assert params and all(p.dtype == p.grad.dtype == torch.float32 for p in params)
+    assert all(torch.isfinite(p.grad).all() for p in params)

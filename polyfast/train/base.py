@@ -5,7 +5,7 @@ evaluation and atomic checkpoints, and the final Hugging Face export. Subclasses
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import math
 import os
 import random
@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ..config import save_config
 from ..errors import ConfigError
-from ..model import TrunkHead, resolve_device
+from ..model import TrunkHead, autocast_context, resolve_device, set_tf32
 from .checkpoint import (export_pretrained, list_checkpoints, load_checkpoint, save_checkpoint,
                          trainer_state)
 from .distributed import all_reduce_sum, full_state_dict, init_distributed, shard_model
@@ -49,14 +49,14 @@ class Trainer:
         self.scheduler = cosine_with_warmup(self.optimizer, self.total_steps,
                                             int(t.warmup_ratio * self.total_steps), t.min_lr_ratio)
         self.step = 0
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
-                         if self.device.type == "cuda" and cfg.model.dtype == "auto"
-                         else contextlib.nullcontext())
+        # a factory of fresh autocast contexts (bf16 for model.dtype auto on CUDA)
+        self.autocast = functools.partial(autocast_context, cfg.model, self.device)
 
     def setup_device(self, train_cfg) -> torch.device:
         """Threads, device and (under torchrun) the process group; sets ``self.dist``."""
         if train_cfg.num_threads:
             torch.set_num_threads(train_cfg.num_threads)
+        set_tf32(train_cfg.tf32)
         self.dist, device = init_distributed(resolve_device(train_cfg.device))
         return device
 

@@ -224,8 +224,8 @@ class HDPOTrainer(Trainer):
         def joint(ms, gs):  # the runner hands over models[0]'s hidden states and head weight
             def fn(first_hidden, first_weight):
                 hiddens, weights = [first_hidden], [first_weight]
-                for m in ms[1:]:
-                    with self.autocast, torch.no_grad():
+                for m in ms[1:]:  # (inside the runner's autocast)
+                    with torch.no_grad():
                         hiddens.append(hidden_states(m, batch))
                     weights.append(head_weight(m))
                 return joint_logprobs(hiddens, weights, targets, seg, 2 * len(pack),
