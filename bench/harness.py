@@ -97,7 +97,8 @@ def guarded(fn, *args, **kwargs) -> dict:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         kind = "out of memory" if isinstance(e, torch.OutOfMemoryError) else type(e).__name__
-        return {"error": f"{kind}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]}
+        first = (str(e).strip().splitlines() or [""])[0]
+        return {"error": f"{kind}: {first}"[:300]}
 
 
 def run_isolated(module: str, args: list[str], timeout: float = 900) -> dict:

@@ -176,8 +176,8 @@ class _TritonJoint(torch.autograd.Function):
             scored = segs >= 0
             _, in_range, y = _lce._target_rows(torch.where(scored, targets, IGNORE_INDEX),
                                                IGNORE_INDEX, weights[0].shape[0])
-            lp, ce, lse, sums = _launch_joint_fwd(hiddens, weights, y.contiguous(), segs,
-                                                  num_segments, softcaps)
+            lp, ce, lse, sums = _launch_joint_fwd(hiddens, weights, y, segs, num_segments,
+                                                  softcaps)
             # bad ids (possible only with the id check off) poison their rows and all the sums
             bad = (scored & ~in_range) | (segs >= num_segments)
             lp = torch.where(bad, float("nan"), lp)

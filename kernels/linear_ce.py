@@ -190,6 +190,11 @@ def _check(hidden, weight, targets, token_weights, reduction, ignore_index):
               skip=targets == ignore_index)
 
 
+def _grad_dtypes(hidden, weight, token_weights):
+    # the dtypes the gradients go back in: each input's own
+    return hidden.dtype, weight.dtype, None if token_weights is None else token_weights.dtype
+
+
 def _target_rows(targets, ignore_index, V):
     """(scored, in_range, safe): the rows to score, those whose target is a real class, and the
     targets with every other row set to 0 (a safe gather index)."""
@@ -387,9 +392,10 @@ def h_multiple(device: torch.device) -> int:
 
 def padded(x: torch.Tensor, dtype: torch.dtype, cols: int) -> torch.Tensor:
     """x (R, H) as a contiguous, 16-byte aligned (R, cols) tensor of ``dtype``, zero-padded on the
-    right: x itself when it already is one, else one copy."""
-    if x.dtype == dtype and x.shape[1] == cols and x.is_contiguous() and x.data_ptr() % 16 == 0:
-        return x
+    right: x itself when it already is one, else one copy (a plain cast when no padding is due)."""
+    if x.shape[1] == cols:
+        out = x.to(dtype).contiguous()
+        return out if out.data_ptr() % 16 == 0 else out.clone()  # a fresh tensor is aligned
     out = x.new_zeros((x.shape[0], cols), dtype=dtype)
     out[:, :x.shape[1]] = x
     return out
@@ -430,15 +436,14 @@ def _config(kind: str, device: torch.device, dtype: torch.dtype, key: tuple, run
 
 def _launch_fwd(hidden, weight, targets, softcap, ignore_index, num_splits=None):
     """Per-row (CE, lse, target logit), each (N,) fp32, 0 on ignored rows and NaN on rows whose
-    target is out of range. hidden (N, H) and weight (V, H) contiguous, of the compute dtype;
-    targets (N,) int64."""
+    target is out of range. hidden (N, H) and weight (V, H) as ``padded`` makes them, of the
+    compute dtype; targets (N,) int64, contiguous."""
     N, H = hidden.shape
     V = weight.shape[0]
     device = hidden.device
     if N == 0:
         empty = torch.zeros(0, device=device, dtype=torch.float32)
         return empty, empty.clone(), empty.clone()
-    targets = targets.contiguous()
 
     def run(cfg, splits_override=num_splits):
         bn, bv, bh, warps, stages = cfg
@@ -508,7 +513,7 @@ class _TritonLinearCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, token_weights, ignore_index, softcap, reduction,
                 num_splits, dtype):
-        ctx.dtypes = (hidden.dtype, weight.dtype, None if token_weights is None else token_weights.dtype)
+        ctx.dtypes = _grad_dtypes(hidden, weight, token_weights)
         with no_autocast(hidden.device.type):
             Hp = padded_size(hidden.shape[1], hidden.device)
             h, w = padded(hidden, dtype, Hp), padded(weight, dtype, Hp)  # (N, Hp), (V, Hp)
@@ -618,7 +623,7 @@ class _ChunkedLinearCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, token_weights, ignore_index, softcap, reduction,
                 chunk_rows, dtype):
-        ctx.dtypes = (hidden.dtype, weight.dtype, None if token_weights is None else token_weights.dtype)
+        ctx.dtypes = _grad_dtypes(hidden, weight, token_weights)
         with no_autocast(hidden.device.type):
             hidden, weight = hidden.to(dtype), weight.to(dtype)
             acc = _acc_dtype(dtype)

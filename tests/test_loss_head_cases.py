@@ -10,6 +10,7 @@ import torch
 
 from polyfast.kernels import joint_logprobs, linear_cross_entropy
 from polyfast.kernels import linear_ce as lce
+from tests.test_linear_ce_triton import _inputs
 from tests.utils import assert_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -18,13 +19,8 @@ TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
 
 
 def _data(N=37, H=24, V=61, seed=0, ignore=0.3):
-    g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(N, H, generator=g, dtype=torch.float64)
-    weight = torch.randn(V, H, generator=g, dtype=torch.float64) / H ** 0.5 * 2
-    targets = torch.randint(0, V, (N,), generator=g)
-    targets[torch.rand(N, generator=g) < ignore] = -100
-    w = torch.rand(N, generator=g, dtype=torch.float64)
-    return hidden, weight, targets, w
+    # float64 hidden and head, targets with a share ignored, fp32 token weights (a fifth of them 0)
+    return _inputs(N, H, V, ignore, seed)
 
 
 def _ce(backend, hidden, weight, targets, w, dtype, softcap=None, grad_w=False, reduction="sum"):
@@ -74,7 +70,7 @@ def test_strided_targets_and_weights_are_read_by_stride(backend):
     # every second entry of a twice-as-long buffer: the kernels must not read them as contiguous
     t2 = torch.full((74,), 7)
     t2[::2] = targets
-    w2 = torch.zeros(74, dtype=torch.float64)
+    w2 = torch.zeros(74)
     w2[::2] = w
     assert not t2[::2].is_contiguous()
     ref = _oracle(hidden, weight, targets, w)
