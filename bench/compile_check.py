@@ -41,13 +41,21 @@ SIXTEEN = ("bf16", "fp16")
 
 @dataclass
 class Variant:
-    kernel: str          # linear_ce.fwd | linear_ce.bwd | joint.fwd
+    kernel: str          # linear_ce.fwd | linear_ce.bwd | joint.fwd | gemm.stats | gemm.grad
     arch: int
     family: str
     dtype: str           # bf16 | fp16 | fp32 (ieee products) | tf32
     softcap: bool
-    what: str            # bwd: dh | dw | dh+dw; joint: models=M; fwd: -
-    config: tuple        # (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages)
+    what: str            # bwd: dh | dw | dh+dw, "filter" when the gradient filter is compiled
+                         # in; joint: models=M; others: -
+    config: tuple        # (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages); the elementwise
+                         # "gemm" kernels: (BLOCK_R, BLOCK_C, 0, num_warps, 1)
+
+    @property
+    def matmul(self) -> bool:
+        """Whether the kernel multiplies matrices (the "gemm" backend's kernels are elementwise:
+        its products run in cuBLAS)."""
+        return not self.kernel.startswith("gemm.")
 
 
 @dataclass
@@ -70,11 +78,15 @@ def variants(archs, dtypes) -> list[Variant]:
         width = "16" if dtype in SIXTEEN else "32"
         cfg = lambda kind: lce._CONFIGS[fam][kind + width]  # noqa: E731
         out.append(Variant("linear_ce.fwd", arch, fam, dtype, cap, "-", cfg("fwd")))
-        for grads in ("dh", "dw", "dh+dw"):
+        # the gradient filter is on by default for 16-bit operands; exact (off) is one switch away
+        for grads in ("dh filter", "dw filter", "dh+dw filter", "dh+dw"):
             out.append(Variant("linear_ce.bwd", arch, fam, dtype, cap, grads, cfg("bwd")))
         for models in (1, 2, 3):
             out.append(Variant("joint.fwd", arch, fam, dtype, cap, f"models={models}",
                                cfg("joint")))
+        for kind in ("stats", "grad"):
+            br, bc, warps = lce.ELEMENTWISE_CONFIGS[kind]
+            out.append(Variant(f"gemm.{kind}", arch, fam, dtype, cap, "-", (br, bc, 0, warps, 1)))
     return out
 
 
@@ -98,16 +110,25 @@ def _source(v: Variant):
     elif v.kernel == "linear_ce.bwd":
         fn = lce._bwd_kernel
         types = {"h_ptr": ptr, "w_ptr": ptr, "y_ptr": "*i64", "lse_ptr": "*fp32", "g_ptr": "*fp32",
-                 "dh_ptr": "*fp32", "dw_ptr": "*fp32", "softcap": "fp32"}
+                 "thr_ptr": "*fp32", "dh_ptr": "*fp32", "dw_ptr": "*fp32", "softcap": "fp32"}
         const = {"HAS_SOFTCAP": v.softcap, "COMPUTE_DH": "dh" in v.what,
-                 "COMPUTE_DW": "dw" in v.what, **blocks}
-    else:
+                 "COMPUTE_DW": "dw" in v.what, "FILTER": "filter" in v.what,
+                 "GROUP_N": lce.GROUP_N, **blocks}
+    elif v.kernel == "joint.fwd":
         fn = jl._joint_fwd_kernel
-        types = {"y_ptr": "*i64", "seg_ptr": "*i64", "lp_ptr": "*fp32", "ce_ptr": "*fp32",
-                 "lse_ptr": "*fp32", "sums_ptr": "*fp32"}
+        types = {"y_ptr": "*i64", "seg_ptr": "*i64", "m_ptr": "*fp32", "s_ptr": "*fp32",
+                 "zt_ptr": "*fp32", "v_per_split": "i32"}
         for m in range(3):
             types.update({f"h{m}": ptr, f"w{m}": ptr, f"cap{m}": "fp32"})
         const = {"NUM_MODELS": int(v.what.split("=")[1]), "HAS_SOFTCAP": v.softcap, **blocks}
+    else:  # the "gemm" backend's elementwise kernels over fp32 logit chunks
+        fn = lce._chunk_stats_kernel if v.kernel == "gemm.stats" else lce._chunk_grad_kernel
+        types = {"z_ptr": "*fp32", "dl_ptr": ptr, "y_ptr": "*i64", "m_ptr": "*fp32",
+                 "s_ptr": "*fp32", "zt_ptr": "*fp32", "lse_ptr": "*fp32", "g_ptr": "*fp32",
+                 "tcoef_ptr": "*fp32", "softcap": "fp32"}
+        const = {"HAS_SOFTCAP": v.softcap, "BLOCK_R": bn, "BLOCK_C": bv}
+        if v.kernel == "gemm.stats":
+            const["IGNORE"] = -100
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in const:
@@ -180,7 +201,7 @@ def problems(v: Variant, r: Result) -> list[str]:
         out.append("spills")
     if r.shared > SHARED_LIMIT[v.arch]:
         out.append("shared")
-    if v.dtype in SIXTEEN and ("HGMMA" if v.arch >= 90 else "HMMA") not in r.tensor_core:
+    if v.matmul and v.dtype in SIXTEEN and ("HGMMA" if v.arch >= 90 else "HMMA") not in r.tensor_core:
         out.append("no tensor cores")
     return out
 
@@ -227,7 +248,7 @@ def main(argv=None) -> int:
     table = []
     for v, r in rows:
         table.append([v.kernel, f"sm_{v.arch}", v.dtype, "yes" if v.softcap else "no", v.what,
-                      "x".join(map(str, v.config[:3]))
+                      "x".join(str(c) for c in v.config[:3] if c)
                       + f" w{v.config[3]} s{v.config[4]}", r.shared, r.registers, r.spill_bytes,
                       r.tensor_core or "none", ", ".join(problems(v, r)) or "ok"
                       if not r.error else r.error])

@@ -5,7 +5,8 @@
     python -m bench.joint_logprobs --grid gpu     # CUDA: 3 models, N=8192, H=1536, V=151936
 
 Rows: our Triton kernel (one launch), our torch twin, (a) three full-logits reference passes,
-(b) three calls of our fused cross-entropy kernel with reduction "none" plus torch segment sums,
+(b) three calls of our fused cross-entropy with reduction "none" (backend "auto": what
+``joint_logprobs(backend="auto")`` runs on CUDA, "separate") plus torch segment sums,
 (c) Liger-Kernel's fused linear DPO loss on the same pairs (policy + reference; padded rows of equal
 length, as its interface takes them). Sequences are 32 pairs' sides of equal length (a quarter
 prompt), so (c) sees no padding. Each row goes to bench/results/joint_logprobs.jsonl (--out) as

@@ -11,21 +11,31 @@ reference and of an LM critic, for every pair in a pack. Gradients flow only to 
 hidden states or weights require grad (the policy); frozen models run without autograd.
 
 Backends, chosen per call:
-- "triton": one launch over (row block, model): each program sweeps the vocabulary in
-  (BLOCK_V, H_m) tiles of its model's head (tl.dot in SRAM, fp32 accumulate), keeps an online max,
-  the off-target sum-exp and the target logit, turns them into the token's log-prob
-  (-log1p(S_off exp(max - z_y)), exact when p(target) -> 1), writes it, and adds it to its
-  segment's sum with an fp32 atomic: the (M, S) sums leave the kernel reduced. Up to three models
-  (policy, reference, critic) with their own hidden sizes and softcaps share the launch, in one
-  compute dtype (``linear_ce.compute_dtype`` of all their operands: bf16 under autocast). Backward
-  only for the models that need it: from d(sums) (M, S) each token's weight is -d(sums)[m, seg_t],
-  and the recompute-and-atomics backward of linear_cross_entropy does the rest; frozen models keep
+- "separate": per model, one ``linear_cross_entropy`` call with reduction "none" and backend
+  "auto" (on CUDA its cost model picks the fused kernel: the "gemm" backend for the policy's
+  forward + backward, the fused Triton forward for a frozen model), then a segment scatter-add;
+  frozen models under no_grad.
+- "triton": one launch over (row block, model, vocabulary split): each program sweeps its share
+  of the vocabulary in (BLOCK_V, H_m) tiles of its model's head (tl.dot in SRAM, fp32 accumulate)
+  and keeps an online max, the off-target sum-exp and the target logit; the splits are merged by
+  a few (M, P, N) torch ops into each token's log-prob (-log1p(S_off exp(max - z_y)), exact when
+  p(target) -> 1) and scatter-added into the (M, S) sums. Up to three models (policy, reference,
+  critic) with their own hidden sizes and softcaps share the launch, in one compute dtype
+  (``linear_ce.compute_dtype`` of all their operands: bf16 under autocast). The splits give the
+  launch about four programs per SM at HDPO's pack sizes (N = 2048-8192: 16-64 row blocks per
+  model alone cannot fill 132 SMs). What it saves over separate calls is launches and merges:
+  2M kernel launches and M sets of merge ops become one launch and one merge; the FLOPs and the
+  head reads are the same. Measured on an H100 (bench/RESULTS.md) it is slower than the separate
+  calls (whose policy call runs the "gemm" backend), so "auto" does not pick it. Backward only for
+  the models that need it: from d(sums) (M, S) each token's weight is -d(sums)[m, seg_t], and
+  ``linear_ce.ce_backward`` does the rest (``backward``: "gemm", or the fused Triton kernel with
+  its gradient filter; "auto" as linear_cross_entropy's cost model says); frozen models keep
   nothing for backward.
 - "torch": per model, the chunked linear cross-entropy twin (no (N, V) logits) with reduction
   "none", then a segment scatter-add; frozen models under no_grad. The CPU production path.
 - "reference": full log-softmax per model in fp32 (fp64 for fp64 inputs), then the scatter-add: the
   oracle of tests and benchmarks.
-- "auto": "triton" for CUDA tensors, "torch" otherwise.
+- "auto": "separate" for CUDA tensors, "torch" otherwise.
 
 Bad ids (a scored token's target outside [0, V), a segment id >= num_segments) raise a
 ValueError on CPU tensors and with POLYFAST_CHECK_IDS=1; on CUDA by default they poison the sums
@@ -49,7 +59,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-BACKENDS = ("auto", "triton", "torch", "reference")
+BACKENDS = ("auto", "separate", "triton", "torch", "reference")
 MAX_TRITON_MODELS = 3
 IGNORE_INDEX = -100
 
@@ -88,82 +98,95 @@ if HAS_TRITON:
 
     @triton.jit
     def _joint_fwd_kernel(h0, w0, H0, sh0, sw0, cap0, h1, w1, H1, sh1, sw1, cap1,
-                          h2, w2, H2, sh2, sw2, cap2, y_ptr, seg_ptr, lp_ptr, ce_ptr, lse_ptr,
-                          sums_ptr, N, V, S, NUM_MODELS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                          h2, w2, H2, sh2, sw2, cap2, y_ptr, seg_ptr, m_ptr, s_ptr, zt_ptr,
+                          N, V, S, v_per_split, NUM_MODELS: tl.constexpr,
+                          HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
                           DOT_PRECISION: tl.constexpr):
-        # grid (row blocks, models): token log-probs (M, N), per-row CE and lse (M, N), and the
-        # per-segment sums (M, S) by atomics. cap_m = 0: model m has no softcap.
+        # grid (row blocks, models, vocabulary splits): each program's (max, off-target sum-exp,
+        # target logit) over its split, into (M, P, N) buffers. cap_m = 0: model m has no softcap.
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
+        pid_s = tl.program_id(2)
+        num_splits = tl.num_programs(2)
         rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         seg = tl.load(seg_ptr + rows, mask=row_ok, other=-1)
         y = tl.load(y_ptr + rows, mask=row_ok, other=-1)
         scored = row_ok & (seg >= 0) & (seg < S)  # (an id >= S is poisoned by the launcher)
-        ce = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        lse = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+        s = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        zt = tl.zeros((BLOCK_N,), dtype=tl.float32)
         if tl.max(scored.to(tl.int32), axis=0) > 0:
-            m = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            s = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            zt = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            v0 = pid_s * v_per_split
+            v1 = tl.minimum(v0 + v_per_split, V)
             if pid_m == 0:
-                m, s, zt = _lce._row_stats(h0, w0, y, rows, row_ok, 0, V, H0, sh0, sw0, cap0,
+                m, s, zt = _lce._row_stats(h0, w0, y, rows, row_ok, v0, v1, H0, sh0, sw0, cap0,
                                            HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION)
             if NUM_MODELS > 1:
                 if pid_m == 1:
-                    m, s, zt = _lce._row_stats(h1, w1, y, rows, row_ok, 0, V, H1, sh1, sw1, cap1,
-                                               HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_H,
+                    m, s, zt = _lce._row_stats(h1, w1, y, rows, row_ok, v0, v1, H1, sh1, sw1,
+                                               cap1, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_H,
                                                DOT_PRECISION)
             if NUM_MODELS > 2:
                 if pid_m == 2:
-                    m, s, zt = _lce._row_stats(h2, w2, y, rows, row_ok, 0, V, H2, sh2, sw2, cap2,
-                                               HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_H,
+                    m, s, zt = _lce._row_stats(h2, w2, y, rows, row_ok, v0, v1, H2, sh2, sw2,
+                                               cap2, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_H,
                                                DOT_PRECISION)
-            # CE = lse - z_y = log1p(s exp(m - z_y)); log1p(r) = log(u) r / (u - 1), u = 1 + r,
-            # exact in fp32 (no libdevice needed)
-            gap = m - zt
-            r = s * tl.exp(tl.minimum(gap, 30.0))
-            u = 1.0 + r
-            small = tl.where(u == 1.0, r, tl.log(u) * r / (u - 1.0))
-            big = gap + tl.log(s + tl.exp(-gap))
-            ce = tl.where(scored, tl.where(gap < 30.0, small, big), 0.0)
-            lse = tl.where(scored, zt + ce, 0.0)
-            tl.atomic_add(sums_ptr + pid_m * S + seg, -ce, mask=scored, sem="relaxed")
-        out = pid_m * N + rows
-        tl.store(lp_ptr + out, -ce, mask=row_ok)
-        tl.store(ce_ptr + out, ce, mask=row_ok)
-        tl.store(lse_ptr + out, lse, mask=row_ok)
+        out = (pid_m * num_splits + pid_s) * N + rows
+        tl.store(m_ptr + out, m, mask=row_ok)
+        tl.store(s_ptr + out, s, mask=row_ok)
+        tl.store(zt_ptr + out, zt, mask=row_ok)
 
 
-def _launch_joint_fwd(hiddens, weights, targets, segs, S, softcaps):
+def joint_splits(N: int, V: int, block_n: int, block_v: int, num_sms: int, M: int = 1) -> int:
+    """Vocabulary splits of the joint forward: enough (row block, model, split) programs to give
+    every SM about four, never more than the vocabulary has blocks."""
+    n_blocks = -(-N // block_n)
+    return max(1, min(-(-V // block_v), -(-4 * num_sms // (n_blocks * M))))
+
+
+def _launch_joint_fwd(hiddens, weights, targets, segs, S, softcaps, num_splits=None):
     """(token log-probs, CE, lse), each (M, N) fp32, and the (M, S) fp32 sums. hiddens[m] (N, H_m)
     and weights[m] (V, H_m) as ``linear_ce.padded`` makes them, all of one compute dtype;
-    targets (N,) int64 (0 where not scored), segs (N,) int64."""
+    targets (N,) int64 (0 where not scored), segs (N,) int64. ``num_splits`` forces the
+    vocabulary split count (tests)."""
     M, N, V = len(hiddens), targets.shape[0], weights[0].shape[0]
     device = targets.device
-    lp = torch.zeros(M, N, device=device, dtype=torch.float32)
-    ce, lse = torch.zeros_like(lp), torch.zeros_like(lp)
     sums = torch.zeros(M, S, device=device, dtype=torch.float32)
     if N == 0:
-        return lp, ce, lse, sums
+        lp = torch.zeros(M, 0, device=device, dtype=torch.float32)
+        return lp, lp.clone(), lp.clone(), sums
     dtype = hiddens[0].dtype
     bn, bv, bh, warps, stages = _lce.pinned_config("joint", device, dtype)
+    P = num_splits or joint_splits(N, V, bn, bv, _lce._num_sms(device), M)
+    v_per_split = triton.cdiv(triton.cdiv(V, P), bv) * bv
+    P = triton.cdiv(V, v_per_split)
     args = []
     for m in range(MAX_TRITON_MODELS):
         k = min(m, M - 1)  # unused slots repeat the last model; the kernel never reads them
         h, w = hiddens[k], weights[k]
         args += [h, w, h.shape[1], h.stride(0), w.stride(0), float(softcaps[k] or 0.0)]
-    _joint_fwd_kernel[(triton.cdiv(N, bn), M)](
-        *args, targets, segs, lp, ce, lse, sums, N, V, S, NUM_MODELS=M,
+    part = torch.empty(3, M, P, N, device=device, dtype=torch.float32)  # (m, s, zt) per split
+    _joint_fwd_kernel[(triton.cdiv(N, bn), M, P)](
+        *args, targets, segs, part[0], part[1], part[2], N, V, S, v_per_split, NUM_MODELS=M,
         HAS_SOFTCAP=any(c is not None for c in softcaps), BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh,
         DOT_PRECISION=_lce.dot_precision(dtype), num_warps=warps, num_stages=stages)
+    scored = (segs >= 0) & (segs < S)
+    y = torch.where(scored, targets, IGNORE_INDEX)
+    ce = torch.empty(M, N, device=device, dtype=torch.float32)
+    lse = torch.empty_like(ce)
+    for m in range(M):
+        ce[m], lse[m], _ = _lce._merge_stats(part[0, m], part[1, m], part[2, m], y, IGNORE_INDEX,
+                                             V)
+    lp = -ce
+    sums.index_add_(1, torch.where(scored, segs, 0), torch.where(scored, lp, 0.0))
     return lp, ce, lse, sums
 
 
 class _TritonJoint(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, targets, segs, num_segments, softcaps, grads, dtype, *tensors):
+    def forward(ctx, targets, segs, num_segments, softcaps, grads, dtype, opts, *tensors):
         M = len(tensors) // 2
         ctx.orig = [(tensors[2 * m].dtype, tensors[2 * m + 1].dtype) for m in range(M)]
         with _lce.no_autocast(targets.device.type):
@@ -177,7 +200,7 @@ class _TritonJoint(torch.autograd.Function):
             _, in_range, y = _lce._target_rows(torch.where(scored, targets, IGNORE_INDEX),
                                                IGNORE_INDEX, weights[0].shape[0])
             lp, ce, lse, sums = _launch_joint_fwd(hiddens, weights, y, segs, num_segments,
-                                                  softcaps)
+                                                  softcaps, opts["num_splits"])
             # bad ids (possible only with the id check off) poison their rows and all the sums
             bad = (scored & ~in_range) | (segs >= num_segments)
             lp = torch.where(bad, float("nan"), lp)
@@ -189,7 +212,7 @@ class _TritonJoint(torch.autograd.Function):
         for m in ctx.trainable:  # frozen models keep nothing
             saved += [hiddens[m], weights[m]]
         ctx.save_for_backward(*saved)
-        ctx.softcaps, ctx.M, ctx.S = softcaps, M, num_segments
+        ctx.softcaps, ctx.M, ctx.S, ctx.opts = softcaps, M, num_segments, opts
         return sums, lp
 
     @staticmethod
@@ -204,21 +227,26 @@ class _TritonJoint(torch.autograd.Function):
                 # logp = -CE: each token's CE weight is -(d sums[m, seg_t] + d lp[m, t])
                 g = -(d_sums[m].float().gather(0, seg) + d_lp[m].float())
                 g = torch.where(scored, g, 0.0).contiguous()
-                need_h = ctx.needs_input_grad[6 + 2 * m]
-                need_w = ctx.needs_input_grad[7 + 2 * m]
+                need_h = ctx.needs_input_grad[7 + 2 * m]
+                need_w = ctx.needs_input_grad[8 + 2 * m]
                 zt = lse[m] - ce[m]
                 y_m = torch.where(scored, y, IGNORE_INDEX)
                 dh, dw = _lce.ce_backward(h, w, y_m, IGNORE_INDEX, g, ce[m], lse[m], zt,
                                           ctx.softcaps[m], need_h, need_w, dtypes=ctx.orig[m],
-                                          H=ctx.sizes[m])
+                                          H=ctx.sizes[m], impl=ctx.opts["backward"],
+                                          filter_eps=ctx.opts["filter_eps"])
                 grads[2 * m], grads[2 * m + 1] = dh, dw
-        return (None, None, None, None, None, None, *grads)
+        return (None, None, None, None, None, None, None, *grads)
 
 
 def joint_logprobs_triton(hiddens, weights, targets, segment_ids, num_segments, *, softcaps=None,
-                          requires_grad=None, return_token_logprobs=False):
-    """The single-launch Triton kernel (see the module docstring): CUDA tensors, or CPU tensors
-    under TRITON_INTERPRET=1; up to three models."""
+                          requires_grad=None, return_token_logprobs=False, num_splits=None,
+                          backward="auto", filter_eps=None):
+    """The single-launch Triton forward (see the module docstring): CUDA tensors, or CPU tensors
+    under TRITON_INTERPRET=1; up to three models. ``num_splits`` forces the vocabulary split
+    count; ``backward`` the trainable models' backward ("triton" | "gemm"; "auto": what
+    linear_cross_entropy's "auto" would run on CUDA, "triton" under the interpreter);
+    ``filter_eps`` the "triton" backward's gradient filter."""
     if not HAS_TRITON:
         raise RuntimeError("the triton backend needs the triton package")
     _check(hiddens, weights, targets, segment_ids, num_segments, softcaps, requires_grad)
@@ -236,8 +264,16 @@ def joint_logprobs_triton(hiddens, weights, targets, segment_ids, num_segments, 
     tensors = []
     for h, w, g in zip(hiddens, weights, requires_grad):
         tensors += [h, w] if g else [h.detach(), w.detach()]
+    if backward not in ("auto", "triton", "gemm"):
+        raise ValueError(f"backward must be 'auto', 'triton' or 'gemm', got {backward!r}")
+    if backward == "auto":
+        trainable = [m for m in range(M) if requires_grad[m]]
+        backward = ("triton" if not trainable or not targets.is_cuda
+                    else _lce.auto_backend(hiddens[trainable[0]], weights[trainable[0]]))
+    opts = {"num_splits": num_splits, "backward": backward,
+            "filter_eps": _lce.default_filter_eps(dtype, filter_eps)}
     sums, lp = _TritonJoint.apply(targets, segment_ids, num_segments, softcaps,
-                                  list(requires_grad), dtype, *tensors)
+                                  list(requires_grad), dtype, opts, *tensors)
     counts = _segment_counts(segment_ids, num_segments)
     return (sums, counts, lp) if return_token_logprobs else (sums, counts)
 
@@ -265,8 +301,7 @@ def joint_logprobs(hiddens: Sequence[torch.Tensor], weights: Sequence[torch.Tens
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        backend = ("triton" if targets.is_cuda and HAS_TRITON and len(hiddens) <= MAX_TRITON_MODELS
-                   else "torch")
+        backend = "separate" if targets.is_cuda and HAS_TRITON else "torch"
     if backend == "triton":
         return joint_logprobs_triton(hiddens, weights, targets, segment_ids, num_segments,
                                      softcaps=softcaps, requires_grad=requires_grad,
@@ -279,7 +314,8 @@ def joint_logprobs(hiddens: Sequence[torch.Tensor], weights: Sequence[torch.Tens
     scored = (segment_ids >= 0) & (segment_ids < num_segments)
     t = torch.where(scored, targets, IGNORE_INDEX)
     seg = torch.where(scored, segment_ids, 0).long()
-    fn = linear_ce_reference if backend == "reference" else linear_ce_torch
+    fn = {"reference": linear_ce_reference, "torch": linear_ce_torch,
+          "separate": _lce.linear_cross_entropy}[backend]
     per_token = []
     for h, w, cap, grad in zip(hiddens, weights, softcaps, requires_grad):
         if grad:

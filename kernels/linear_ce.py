@@ -19,16 +19,41 @@ products, or TF32 when torch allows it (``torch.backends.cuda.matmul.fp32_precis
 gradients come back in each input's own dtype (an fp32 head gets its fp32 gradient unrounded).
 
 Backends (chosen per call, never by swapping symbols at import):
-- "triton": the fused kernels below (CUDA; on a CPU only under TRITON_INTERPRET=1, for tests);
+- "gemm": vocabulary chunks through cuBLAS, Triton for the elementwise part (below);
+- "triton": the fused kernels below, with the gradient filter;
 - "torch": the chunked twin: rows are processed in chunks whose logits fit a fixed budget; the
   forward keeps only the per-row log-sum-exp, the backward recomputes each chunk's logits. Peak extra
   memory is O(chunk * V) instead of O(N * V). Ignored rows are dropped before any matmul. The CPU
   production path;
 - "reference": full logits in fp32 (fp64 for fp64 inputs) whatever the compute dtype, autograd
   through torch ops: the oracle of tests and benchmarks;
-- "auto": "triton" for CUDA tensors, "torch" otherwise.
+- "auto": "torch" off CUDA; on CUDA the fused backend the cost model (``predict``) says is faster
+  for the shape, forward + backward (or forward alone when no input needs a gradient), with the
+  "triton" backward taken as unfiltered: its filter rate depends on the data. At the shapes of
+  real heads that is "gemm" with a backward and "triton" for a frozen model's forward.
+("gemm" and "triton" run on CUDA; on a CPU only under TRITON_INTERPRET=1, for tests.)
 
-The Triton kernels (the Cut Cross-Entropy approach: recompute, never store logits):
+The "gemm" backend: the head's products as cuBLAS GEMMs over vocabulary chunks of C columns (an
+(N, C) fp32 logit chunk of at most GEMM_CHUNK_ELEMENTS: C = 8192 at N = 16384):
+- forward, per chunk: z = h @ W_c^T into fp32 (torch.mm with out_dtype, 16-bit operands on the
+  tensor cores), then ``_chunk_stats_kernel`` folds the chunk into running per-row (max, off-target
+  sum-exp, target logit), merged into CE as in the fused forward;
+- backward, per chunk: recompute z, ``_chunk_grad_kernel`` turns it into dl = g * softmax *
+  softcap' in the operands' dtype (the target column from expm1(-CE), no cancellation), then
+  d_hidden += dl @ W_c (an fp32 accumulator, added in the GEMM's epilogue: addmm with out_dtype)
+  and d_weight[chunk] = dl^T @ h, complete in one GEMM (its fp32 accumulation is over all N rows)
+  and written once in the weight's dtype: no atomics, no (V, H) fp32 buffer.
+  Cost (``predict``): 8NHV FLOPs (four GEMMs of 2NHV), plus the elementwise passes over the fp32
+  logits: 4 bytes read per logit in the forward, 4 read and 2 (bf16) written in the backward, plus
+  the GEMMs' own traffic (h once per chunk, the logits written, dl read twice). At N = 16384,
+  H = 2048, V = 248320 in bf16: 66.7 TFLOP = 67.4 ms at 989 TFLOP/s, and ~12 ms of HBM-bound
+  elementwise work at 3.35 TB/s: 79.5 ms; memory = the fp32 logit chunk (512 MiB) + dl (256 MiB)
+  + two fp32 d_hidden accumulators (256 MiB) + the bf16 gradients (1.08 GB): 2.16 GB. Its time
+  does not depend on the data. The GEMMs compute the ignored rows too (no host sync to count them).
+
+The fused Triton kernels (the Cut Cross-Entropy approach: recompute, never store logits). The
+rows are first ordered scored-first (``_compaction``, an argsort on the device): ignored rows
+(prompt tokens of a packed batch) fill whole row blocks at the end, which every kernel skips.
 - forward, grid (row blocks, vocabulary splits): each program multiplies its rows' hidden block by
   successive (BLOCK_V, H) slices of the head weight in SRAM (tl.dot, fp32 accumulate, looping over H
   in BLOCK_H steps), applies the softcap, and keeps an online max, the sum-exp of the off-target
@@ -36,20 +61,29 @@ The Triton kernels (the Cut Cross-Entropy approach: recompute, never store logit
   when p(target) -> 1 (where lse - z_y would lose all its digits in fp32).
   Splitting the vocabulary gives enough programs when N is small (N / BLOCK_N row blocks alone
   cannot fill an H100's 132 SMs); the partial (max, sum-exp, target logit) of the splits are merged
-  by a few (S, N) torch ops, without a host sync. Row blocks whose rows are all ignored (prompt
-  tokens of a packed batch) skip all work.
-- backward, grid (row blocks, vocabulary blocks): each program recomputes its (BLOCK_N, BLOCK_V)
-  logit tile, forms the softmax part g * p * softcap' in fp32, and adds its contributions to d_hidden
-  (tile @ W_blk) and d_weight (tile^T @ h_blk) with fp32 atomics, H chunk by H chunk. Atomics,
-  rather than a split reduction, need only one recompute of each tile and one fp32 buffer per
-  gradient ((N, H) and (V, H)); a split reduction would need an (S, N, H) workspace or a second
-  recompute. Row blocks with no gradient (ignored or zero-weight rows) return at once; rows without
-  gradient inside a block contribute exact zeros (their logits are never exponentiated against a
-  log-sum-exp they do not have); frozen inputs (no requires_grad) get no atomics at all.
+  by a few (S, N) torch ops, without a host sync. Row blocks whose rows are all ignored skip all
+  work.
+- backward, a 1-D grid in grouped order (GROUP_N row blocks sweep the vocabulary together, so
+  their d_hidden tiles and the W tiles they share stay in L2): each program recomputes its
+  (BLOCK_N, BLOCK_V) logit tile and the softmax p; if any p in the tile reaches its row's filter
+  threshold (filter_eps x the row's off-target mass 1 - p_y; default filter_eps 2^-12 for 16-bit
+  operands, 0 = exact, the default for fp32), it forms g * p * softcap' and adds its contributions
+  to d_hidden (tile @ W_blk) and d_weight (tile^T @ h_blk) with fp32 atomics, H chunk by H chunk;
+  else it skips the products. Relative to the row's off-target mass, a skipped tile holds
+  probabilities that are each negligible next to the row's gradient scale: rows spread over the
+  vocabulary (uniform-looking) lose nearly all their tiles to the filter, peaked rows keep the
+  tiles of their likely tokens, and a row with p_y -> 1 keeps its small off-target mass (an
+  absolute threshold would drop it whole). Atomics, rather than a split reduction, need only one
+  recompute of each tile and one fp32 buffer per gradient ((N, H) and (V, H)). Rows without
+  gradient contribute exact zeros (their logits are never exponentiated against a log-sum-exp they
+  do not have); frozen inputs (no requires_grad) get no atomics at all. Offsets are int64 (V * H
+  and N * H may pass 2^31).
   The target column is left out of the tile and applied outside the kernel in fp32, with
   p_y - 1 = expm1(-CE) (a gather of W[y] and an index_add into d_weight), so a peaked
-  distribution (p(target) = 0.999) keeps its gradient (p - 1 = -1e-3) with bf16 inputs: only the
-  small off-target probabilities pass through 16-bit in tl.dot, where p_y would cancel against 1.
+  distribution (p(target) = 0.999) keeps its gradient (p - 1 = -1e-3) with bf16 inputs.
+  Cost (``predict``): 4NHV FLOPs for the two logit sweeps, plus, for the share f of tiles that
+  pass the filter, 4NHV FLOPs of products and 4NHV (1/BLOCK_N + 1/BLOCK_V) bytes of fp32 atomics
+  (521 GB at the shape above with f = 1: ~223 ms; 33.7 ms with f = 0).
 
 Bad ids: a target outside [0, V) that is not ignore_index is an error. On CPU tensors (and
 everywhere with POLYFAST_CHECK_IDS=1) it raises a ValueError naming the row; on CUDA the check
@@ -83,7 +117,14 @@ except ImportError:  # pragma: no cover - triton is a dependency, but keep the C
 
 # Budget of fp32 logits per chunk in the torch twin (elements); about 32 MiB of logits.
 CHUNK_ELEMENTS = 1 << 23
-BACKENDS = ("auto", "triton", "torch", "reference")
+# fp32 logits per vocabulary chunk of the "gemm" backend (elements): 512 MiB, 8192 columns at
+# N = 16384, few enough chunks that re-reading h and the d_hidden updates stay cheap
+GEMM_CHUNK_ELEMENTS = 1 << 27
+DEFAULT_FILTER_EPS = 2.0 ** -12
+GROUP_N = 8  # row blocks that sweep the vocabulary together in the fused backward
+# (BLOCK_R, BLOCK_C, num_warps) of the "gemm" backend's elementwise kernels on a GPU
+ELEMENTWISE_CONFIGS = {"stats": (16, 256, 8), "grad": (8, 256, 4)}
+BACKENDS = ("auto", "triton", "gemm", "torch", "reference")
 REDUCTIONS = ("sum", "none")
 IGNORE_INDEX = -100
 SIXTEEN_BIT = (torch.bfloat16, torch.float16)
@@ -221,10 +262,10 @@ if HAS_TRITON:
         acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
         for h0 in range(0, H, BLOCK_H):
             hk = h0 + tl.arange(0, BLOCK_H)
-            a = tl.load(h_ptr + rows[:, None] * stride_h + hk[None, :], mask=row_ok[:, None],
-                        other=0.0)
-            b = tl.load(w_ptr + cols[:, None] * stride_w + hk[None, :], mask=col_ok[:, None],
-                        other=0.0)
+            a = tl.load(h_ptr + rows[:, None].to(tl.int64) * stride_h + hk[None, :],
+                        mask=row_ok[:, None], other=0.0)
+            b = tl.load(w_ptr + cols[:, None].to(tl.int64) * stride_w + hk[None, :],
+                        mask=col_ok[:, None], other=0.0)
             acc = tl.dot(a, tl.trans(b), acc, input_precision=DOT_PRECISION)
         return acc
 
@@ -287,15 +328,23 @@ if HAS_TRITON:
         tl.store(zt_ptr + out, zt, mask=row_ok)
 
     @triton.jit
-    def _bwd_kernel(h_ptr, w_ptr, y_ptr, lse_ptr, g_ptr, dh_ptr, dw_ptr, N, V, H, stride_h,
-                    stride_w, softcap, HAS_SOFTCAP: tl.constexpr, COMPUTE_DH: tl.constexpr,
-                    COMPUTE_DW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                    BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    def _bwd_kernel(h_ptr, w_ptr, y_ptr, lse_ptr, g_ptr, thr_ptr, dh_ptr, dw_ptr, N, V, H,
+                    stride_h, stride_w, softcap, HAS_SOFTCAP: tl.constexpr, FILTER: tl.constexpr,
+                    COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr, GROUP_N: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr):
         # off-target part of the gradient: d_hidden (N, H) += dl @ W, d_weight (V, H) += dl^T @ h,
         # dl = g * softmax(z) * softcap'(z) with the target column left out (done in fp32 outside);
-        # both fp32 buffers, by atomics
-        pid_n = tl.program_id(0)
-        pid_v = tl.program_id(1)
+        # both fp32 buffers, by atomics. A 1-D grid in grouped order: GROUP_N row blocks sweep the
+        # vocabulary together, so their d_hidden tiles (and the W tiles they share) stay in L2.
+        pid = tl.program_id(0)
+        n_blocks = tl.cdiv(N, BLOCK_N)
+        v_blocks = tl.cdiv(V, BLOCK_V)
+        per_group = GROUP_N * v_blocks
+        first = (pid // per_group) * GROUP_N
+        group_rows = tl.minimum(n_blocks - first, GROUP_N)
+        pid_n = first + (pid % per_group) % group_rows
+        pid_v = (pid % per_group) // group_rows
         rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
@@ -310,25 +359,98 @@ if HAS_TRITON:
             z = _apply_softcap(z, softcap, HAS_SOFTCAP)
             keep = active[:, None] & col_ok[None, :] & (cols[None, :] != y[:, None])
             # tl.where, not a product with a 0/1 mask: an inactive row's exp(z - lse) may be inf
-            dl = tl.where(keep, tl.exp(z - lse[:, None]), 0.0) * g[:, None]
-            if HAS_SOFTCAP:
-                zc = z / softcap
-                dl = dl * (1.0 - zc * zc)
-            dl = dl.to(h_ptr.dtype.element_ty)
-            for h0 in range(0, H, BLOCK_H):
-                hk = h0 + tl.arange(0, BLOCK_H)
-                if COMPUTE_DH:
-                    b = tl.load(w_ptr + cols[:, None] * stride_w + hk[None, :],
-                                mask=col_ok[:, None], other=0.0)
-                    dh = tl.dot(dl, b, input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_H)
-                    tl.atomic_add(dh_ptr + rows[:, None] * H + hk[None, :], dh,
-                                  mask=row_ok[:, None], sem="relaxed")
-                if COMPUTE_DW:
-                    a = tl.load(h_ptr + rows[:, None] * stride_h + hk[None, :],
-                                mask=row_ok[:, None], other=0.0)
-                    dw = tl.dot(tl.trans(dl), a, input_precision=DOT_PRECISION)  # (BLOCK_V, BLOCK_H)
-                    tl.atomic_add(dw_ptr + cols[:, None] * H + hk[None, :], dw,
-                                  mask=col_ok[:, None], sem="relaxed")
+            p = tl.where(keep, tl.exp(z - lse[:, None]), 0.0)
+            # gradient filter: a tile whose every probability is below its row's threshold
+            # (filter_eps x the row's off-target mass 1 - p_y) skips its products
+            passes = True
+            if FILTER:
+                thr = tl.load(thr_ptr + rows, mask=active, other=2.0)  # 2 > any probability
+                passes = tl.max(tl.max((p >= thr[:, None]).to(tl.int32), axis=1), axis=0) > 0
+            if passes:
+                dl = p * g[:, None]
+                if HAS_SOFTCAP:
+                    zc = z / softcap
+                    dl = dl * (1.0 - zc * zc)
+                dl = dl.to(h_ptr.dtype.element_ty)
+                h_rows = rows[:, None].to(tl.int64)
+                w_rows = cols[:, None].to(tl.int64)
+                for h0 in range(0, H, BLOCK_H):
+                    hk = h0 + tl.arange(0, BLOCK_H)
+                    if COMPUTE_DH:
+                        b = tl.load(w_ptr + w_rows * stride_w + hk[None, :], mask=col_ok[:, None],
+                                    other=0.0)
+                        dh = tl.dot(dl, b, input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_H)
+                        tl.atomic_add(dh_ptr + h_rows * H + hk[None, :], dh,
+                                      mask=row_ok[:, None], sem="relaxed")
+                    if COMPUTE_DW:
+                        a = tl.load(h_ptr + h_rows * stride_h + hk[None, :], mask=row_ok[:, None],
+                                    other=0.0)
+                        dw = tl.dot(tl.trans(dl), a, input_precision=DOT_PRECISION)  # (BLOCK_V, BLOCK_H)
+                        tl.atomic_add(dw_ptr + w_rows * H + hk[None, :], dw,
+                                      mask=col_ok[:, None], sem="relaxed")
+
+    @triton.jit
+    def _chunk_stats_kernel(z_ptr, stride_z, y_ptr, m_ptr, s_ptr, zt_ptr, N, C, v0, softcap,
+                            IGNORE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                            BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        # "gemm" forward: fold one vocabulary chunk of fp32 logits z (N, C) (columns v0 .. v0+C-1
+        # of the vocabulary) into the running per-row (max, off-target sum-exp, target logit);
+        # ignored rows read nothing
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        row_ok = rows < N
+        y = tl.load(y_ptr + rows, mask=row_ok, other=IGNORE)
+        active = row_ok & (y != IGNORE)
+        if tl.max(active.to(tl.int32), axis=0) > 0:
+            yc = tl.where(active, y - v0, -1)  # the target's column in this chunk
+            m = tl.load(m_ptr + rows, mask=row_ok, other=0.0)
+            s = tl.load(s_ptr + rows, mask=row_ok, other=0.0)
+            zt = tl.load(zt_ptr + rows, mask=row_ok, other=0.0)
+            base = z_ptr + rows[:, None].to(tl.int64) * stride_z
+            for c0 in range(0, C, BLOCK_C):
+                cols = c0 + tl.arange(0, BLOCK_C)
+                col_ok = cols < C
+                z = tl.load(base + cols[None, :], mask=active[:, None] & col_ok[None, :],
+                            other=0.0)
+                z = tl.where(col_ok[None, :], _apply_softcap(z, softcap, HAS_SOFTCAP),
+                             float("-inf"))
+                is_target = (cols[None, :] == yc[:, None]) & col_ok[None, :]
+                m_new = tl.maximum(m, tl.max(z, axis=1))
+                e = tl.where(is_target, 0.0, tl.exp(z - m_new[:, None]))
+                s = s * tl.exp(m - m_new) + tl.sum(e, axis=1)
+                m = m_new
+                zt += tl.sum(tl.where(is_target, z, 0.0), axis=1)
+            tl.store(m_ptr + rows, m, mask=active)
+            tl.store(s_ptr + rows, s, mask=active)
+            tl.store(zt_ptr + rows, zt, mask=active)
+
+    @triton.jit
+    def _chunk_grad_kernel(z_ptr, stride_z, dl_ptr, stride_dl, y_ptr, lse_ptr, g_ptr, tcoef_ptr,
+                           N, C, v0, softcap, HAS_SOFTCAP: tl.constexpr, BLOCK_R: tl.constexpr,
+                           BLOCK_C: tl.constexpr):
+        # "gemm" backward: one vocabulary chunk of fp32 logits z (N, C) -> the weighted softmax
+        # gradient dl (N, C) in the operands' dtype: g * softmax * softcap', and on the target
+        # column g * (p_y - 1) * softcap' with p_y - 1 = expm1(-CE) from tcoef (no cancellation)
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        row_ok = rows < N
+        col_ok = cols < C
+        g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
+        active = row_ok & (g != 0.0)
+        ok = active[:, None] & col_ok[None, :]
+        lse = tl.load(lse_ptr + rows, mask=active, other=0.0)
+        tcoef = tl.load(tcoef_ptr + rows, mask=active, other=0.0)
+        yc = tl.load(y_ptr + rows, mask=row_ok, other=-1) - v0
+        z = tl.load(z_ptr + rows[:, None].to(tl.int64) * stride_z + cols[None, :], mask=ok,
+                    other=0.0)
+        z = _apply_softcap(z, softcap, HAS_SOFTCAP)
+        dl = tl.where(cols[None, :] == yc[:, None], tcoef[:, None],
+                      tl.exp(z - lse[:, None]) * g[:, None])
+        if HAS_SOFTCAP:
+            zc = z / softcap
+            dl = dl * (1.0 - zc * zc)
+        dl = tl.where(ok, dl, 0.0)
+        tl.store(dl_ptr + rows[:, None].to(tl.int64) * stride_dl + cols[None, :],
+                 dl.to(dl_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,7 +464,7 @@ if HAS_TRITON:
 _CONFIGS = {
     "hopper": {"fwd16": (128, 128, 32, 8, 4), "bwd16": (128, 128, 64, 8, 3),
                "joint16": (128, 64, 64, 8, 3),
-               "fwd32": (64, 128, 32, 8, 2), "bwd32": (64, 64, 32, 8, 2),
+               "fwd32": (64, 128, 32, 8, 2), "bwd32": (64, 64, 16, 8, 2),
                "joint32": (64, 128, 32, 8, 2)},
     "ampere": {"fwd16": (128, 128, 32, 8, 3), "bwd16": (128, 128, 32, 8, 2),
                "joint16": (128, 64, 64, 8, 3),
@@ -434,16 +556,38 @@ def _config(kind: str, device: torch.device, dtype: torch.dtype, key: tuple, run
     return _tuned[full]
 
 
+def _merge_stats(m, s, zt, targets, ignore_index, V):
+    """Per-row (CE, lse, target logit), each (N,) fp32, from the (max, off-target sum-exp, target
+    logit) of P vocabulary parts, each (P, N): M = max_p m_p, S = sum_p s_p exp(m_p - M) and
+    CE = lse - z_y = log(1 + S exp(M - z_y)) = log1p(r), which has no cancellation when p_y -> 1.
+    0 on ignored rows, NaN on rows whose target is out of range."""
+    scored_rows, in_range, _ = _target_rows(targets, ignore_index, V)
+    M = m.max(0).values
+    scored = scored_rows & torch.isfinite(M)
+    M = torch.where(scored, M, 0.0)
+    S = (s * torch.exp(m - M)).sum(0)
+    zt = torch.where(scored, zt.sum(0), 0.0)
+    gap = M - zt  # >= 0
+    ce = torch.where(gap < 30.0, torch.log1p(S * torch.exp(gap.clamp(max=30.0))),
+                     gap + torch.log(S + torch.exp(-gap)))
+    ce = torch.where(scored, ce, 0.0)
+    ce = torch.where(scored_rows & ~in_range, float("nan"), ce)  # a bad target poisons its row
+    return ce, zt + ce, zt
+
+
+def _empty_stats(N, device):
+    empty = torch.zeros(N, device=device, dtype=torch.float32)
+    return empty, empty.clone(), empty.clone()
+
+
 def _launch_fwd(hidden, weight, targets, softcap, ignore_index, num_splits=None):
-    """Per-row (CE, lse, target logit), each (N,) fp32, 0 on ignored rows and NaN on rows whose
-    target is out of range. hidden (N, H) and weight (V, H) as ``padded`` makes them, of the
-    compute dtype; targets (N,) int64, contiguous."""
+    """Per-row (CE, lse, target logit), each (N,) fp32 (see ``_merge_stats``). hidden (N, H) and
+    weight (V, H) as ``padded`` makes them, of the compute dtype; targets (N,) int64, contiguous."""
     N, H = hidden.shape
     V = weight.shape[0]
     device = hidden.device
     if N == 0:
-        empty = torch.zeros(0, device=device, dtype=torch.float32)
-        return empty, empty.clone(), empty.clone()
+        return _empty_stats(0, device)
 
     def run(cfg, splits_override=num_splits):
         bn, bv, bh, warps, stages = cfg
@@ -463,25 +607,24 @@ def _launch_fwd(hidden, weight, targets, softcap, ignore_index, num_splits=None)
         return m, s, zt
 
     cfg = _config("fwd", device, hidden.dtype, (N // 1024, H, V), run)
-    m, s, zt = run(cfg)
-    # merge the splits: M = max_s m_s, S = sum_s s_s exp(m_s - M) (off-target mass), and
-    # CE = lse - z_y = log(1 + S exp(M - z_y)) = log1p(r): no cancellation when p_y -> 1
-    scored_rows, in_range, _ = _target_rows(targets, ignore_index, V)
-    M = m.max(0).values
-    scored = scored_rows & torch.isfinite(M)
-    M = torch.where(scored, M, 0.0)
-    S = (s * torch.exp(m - M)).sum(0)
-    zt = torch.where(scored, zt.sum(0), 0.0)
-    gap = M - zt  # >= 0
-    ce = torch.where(gap < 30.0, torch.log1p(S * torch.exp(gap.clamp(max=30.0))),
-                     gap + torch.log(S + torch.exp(-gap)))
-    ce = torch.where(scored, ce, 0.0)
-    ce = torch.where(scored_rows & ~in_range, float("nan"), ce)  # a bad target poisons its row
-    return ce, zt + ce, zt
+    return _merge_stats(*run(cfg), targets, ignore_index, V)
 
 
-def _launch_bwd(hidden, weight, targets, lse, g, softcap, need_h, need_w):
-    """Off-target part of the gradients into fp32 buffers; None for an input that needs no grad."""
+def default_filter_eps(dtype: torch.dtype, filter_eps: float | None = None) -> float:
+    """The fused backward's gradient filter: ``filter_eps`` when given (0 = exact), else 2^-12
+    for 16-bit operands and 0 for fp32. A tile's products are skipped when each of its
+    probabilities is below filter_eps times its row's off-target mass 1 - p_y."""
+    if filter_eps is None:
+        return DEFAULT_FILTER_EPS if dtype in SIXTEEN_BIT else 0.0
+    filter_eps = float(filter_eps)
+    if not filter_eps >= 0.0:  # also NaN
+        raise ValueError(f"filter_eps must be >= 0 (0 = exact), got {filter_eps}")
+    return filter_eps
+
+
+def _launch_bwd(hidden, weight, targets, lse, g, softcap, need_h, need_w, thresholds=None):
+    """Off-target part of the gradients into fp32 buffers; None for an input that needs no grad.
+    ``thresholds`` (N,) fp32: the gradient filter's per-row probability threshold (None: exact)."""
     N, H = hidden.shape
     V = weight.shape[0]
     device = hidden.device
@@ -493,12 +636,13 @@ def _launch_bwd(hidden, weight, targets, lse, g, softcap, need_h, need_w):
     def run(cfg):
         bn, bv, bh, warps, stages = cfg
         dummy = lse  # a pointer the kernel never touches when a gradient is not computed
-        _bwd_kernel[(triton.cdiv(N, bn), triton.cdiv(V, bv))](
-            hidden, weight, targets, lse, g, dh if need_h else dummy, dw if need_w else dummy, N, V, H,
-            hidden.stride(0), weight.stride(0), float(softcap or 0.0),
-            HAS_SOFTCAP=softcap is not None, COMPUTE_DH=need_h, COMPUTE_DW=need_w, BLOCK_N=bn,
-            BLOCK_V=bv, BLOCK_H=bh, DOT_PRECISION=dot_precision(hidden.dtype), num_warps=warps,
-            num_stages=stages)
+        _bwd_kernel[(triton.cdiv(N, bn) * triton.cdiv(V, bv),)](
+            hidden, weight, targets, lse, g, dummy if thresholds is None else thresholds,
+            dh if need_h else dummy, dw if need_w else dummy, N, V, H, hidden.stride(0),
+            weight.stride(0), float(softcap or 0.0), HAS_SOFTCAP=softcap is not None,
+            FILTER=thresholds is not None, COMPUTE_DH=need_h, COMPUTE_DW=need_w,
+            GROUP_N=GROUP_N, BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh,
+            DOT_PRECISION=dot_precision(hidden.dtype), num_warps=warps, num_stages=stages)
 
     cfg = _config("bwd", device, hidden.dtype, (N // 1024, H, V, need_h, need_w), run)
     if dh is not None:
@@ -509,46 +653,201 @@ def _launch_bwd(hidden, weight, targets, lse, g, softcap, need_h, need_w):
     return dh, dw
 
 
-class _TritonLinearCE(torch.autograd.Function):
+# ---------------------------------------------------------------------------------------------
+# the "gemm" backend: vocabulary chunks through cuBLAS, Triton for the elementwise part
+
+_MM_OUT_DTYPE: dict = {}  # device type -> whether torch.mm(..., out_dtype=) works there
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """a @ b with fp32 accumulation, rounded once to ``out_dtype``. 16-bit operands with an fp32
+    result use torch.mm(out_dtype=) on CUDA (torch >= 2.8), else a 16-bit product upcast (one
+    more rounding); CPU products run in fp32 (its 16-bit matmuls round their output)."""
+    if a.dtype == out_dtype:
+        return torch.mm(a, b)
+    if a.device.type != "cuda":
+        return torch.mm(a.float(), b.float()).to(out_dtype)
+    if _MM_OUT_DTYPE.get(a.device.type, True):
+        try:
+            out = torch.mm(a, b, out_dtype=out_dtype)
+            _MM_OUT_DTYPE[a.device.type] = True
+            return out
+        except (TypeError, RuntimeError, NotImplementedError):
+            _MM_OUT_DTYPE[a.device.type] = False
+    return torch.mm(a, b).to(out_dtype)
+
+
+def _addmm_f32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """acc + a @ b for an fp32 accumulator and operands of the compute dtype: on CUDA one cuBLAS
+    call whose epilogue adds acc (torch.addmm(out_dtype=), torch >= 2.8), else a product then an
+    add. Returns the new accumulator (maybe acc itself)."""
+    if a.dtype == acc.dtype:
+        return acc.addmm_(a, b)
+    if a.device.type == "cuda" and _MM_OUT_DTYPE.get("addmm", True):
+        try:
+            out = torch.addmm(acc, a, b, out_dtype=acc.dtype)
+            _MM_OUT_DTYPE["addmm"] = True
+            return out
+        except (TypeError, RuntimeError, NotImplementedError):
+            _MM_OUT_DTYPE["addmm"] = False
+    return acc.add_(_mm(a, b, acc.dtype))
+
+
+def gemm_chunk_cols(N: int, V: int) -> int:
+    """Vocabulary columns per chunk of the "gemm" backend: an (N, C) fp32 logit chunk of at most
+    GEMM_CHUNK_ELEMENTS, C a multiple of 256 (at least 256, at most V)."""
+    c = max(256, GEMM_CHUNK_ELEMENTS // max(N, 1) // 256 * 256)
+    return max(1, min(c, V))
+
+
+def _elementwise_config(kind: str, device: torch.device, N: int) -> tuple:
+    # (BLOCK_R, BLOCK_C, num_warps); "stats" programs own whole rows: fewer rows per program
+    # when N is small, so that the grid still covers the GPU
+    if device.type != "cuda":  # the interpreter: few, large programs
+        return 16, 64, 1
+    if kind == "grad":
+        return ELEMENTWISE_CONFIGS["grad"]
+    br, bc, warps = ELEMENTWISE_CONFIGS["stats"]
+    while br > 1 and triton.cdiv(N, br) < 4 * _num_sms(device):
+        br //= 2
+    return br, bc, warps
+
+
+def _gemm_fwd(hidden, weight, targets, softcap, ignore_index):
+    """The "gemm" forward: per vocabulary chunk, fp32 logits z = h @ W_c^T (cuBLAS) folded into
+    running per-row statistics by ``_chunk_stats_kernel``; returns ``_merge_stats``' (CE, lse,
+    target logit). hidden (N, H) and weight (V, H) contiguous, of the compute dtype."""
+    N, V = hidden.shape[0], weight.shape[0]
+    device = hidden.device
+    if N == 0:
+        return _empty_stats(0, device)
+    m = torch.full((1, N), float("-inf"), device=device, dtype=torch.float32)
+    s = torch.zeros_like(m)
+    zt = torch.zeros_like(m)
+    C = gemm_chunk_cols(N, V)
+    br, bc, warps = _elementwise_config("stats", device, N)
+    for v0 in range(0, V, C):
+        z = _mm(hidden, weight[v0:v0 + C].T, torch.float32)  # (N, c) fp32
+        _chunk_stats_kernel[(triton.cdiv(N, br),)](
+            z, z.stride(0), targets, m, s, zt, N, z.shape[1], v0, float(softcap or 0.0),
+            IGNORE=ignore_index, HAS_SOFTCAP=softcap is not None, BLOCK_R=br, BLOCK_C=bc,
+            num_warps=warps)
+        del z
+    return _merge_stats(m, s, zt, targets, ignore_index, V)
+
+
+def _gemm_bwd(hidden, weight, targets, g, ce, lse, softcap, need_h, need_w, dtypes):
+    """The "gemm" backward: per vocabulary chunk, recompute the fp32 logits (cuBLAS), turn them
+    into dl = g * (softmax - onehot) * softcap' in the operands' dtype (``_chunk_grad_kernel``),
+    then d_hidden += dl @ W_c (fp32 accumulator) and d_weight[chunk] = dl^T @ h, complete in one
+    GEMM per chunk: no atomics, no (V, H) fp32 buffer."""
+    N, H = hidden.shape
+    V = weight.shape[0]
+    device = hidden.device
+    dh = torch.zeros(N, H, device=device, dtype=torch.float32) if need_h else None
+    dw = torch.empty(V, H, device=device, dtype=dtypes[1]) if need_w else None
+    if N == 0 or not (need_h or need_w):
+        if dw is not None:
+            dw.zero_()
+        return dh, dw
+    tcoef = (g * torch.expm1(-ce)).contiguous()  # the target column: g * (p_y - 1)
+    C = gemm_chunk_cols(N, V)
+    dl = torch.empty(N, C, device=device, dtype=hidden.dtype)
+    br, bc, warps = _elementwise_config("grad", device, N)
+    for v0 in range(0, V, C):
+        wc = weight[v0:v0 + C]  # (c, H)
+        z = _mm(hidden, wc.T, torch.float32)  # (N, c) fp32
+        c = z.shape[1]
+        dlc = dl[:, :c]
+        _chunk_grad_kernel[(triton.cdiv(N, br), triton.cdiv(c, bc))](
+            z, z.stride(0), dlc, dlc.stride(0), targets, lse, g, tcoef, N, c, v0,
+            float(softcap or 0.0), HAS_SOFTCAP=softcap is not None, BLOCK_R=br, BLOCK_C=bc,
+            num_warps=warps)
+        del z
+        if need_h:
+            dh = _addmm_f32(dh, dlc, wc)
+        if need_w:
+            dw[v0:v0 + c] = _mm(dlc.T, hidden, dtypes[1])
+    return dh, dw
+
+
+# ---------------------------------------------------------------------------------------------
+# autograd: one Function for the "triton" and "gemm" implementations
+
+
+def _compaction(targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """(N,) int64 row order with the scored rows first (stable): ignored rows (the prompt tokens
+    of a packed batch) then fill whole row blocks at the end, which the kernels skip at once.
+    Computed on the device, without a host sync."""
+    return torch.argsort((targets == ignore_index).to(torch.int32), stable=True)
+
+
+class _FusedLinearCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, token_weights, ignore_index, softcap, reduction,
-                num_splits, dtype):
+                impl, num_splits, filter_eps, dtype):
         ctx.dtypes = _grad_dtypes(hidden, weight, token_weights)
         with no_autocast(hidden.device.type):
-            Hp = padded_size(hidden.shape[1], hidden.device)
-            h, w = padded(hidden, dtype, Hp), padded(weight, dtype, Hp)  # (N, Hp), (V, Hp)
             y = targets.long().contiguous()
-            ce, lse, zt = _launch_fwd(h, w, y, softcap, ignore_index, num_splits)
+            order = None
+            if impl == "triton":
+                order = _compaction(y, ignore_index)
+                Hp = padded_size(hidden.shape[1], hidden.device)
+                h = padded(hidden.index_select(0, order), dtype, Hp)  # (N, Hp), scored rows first
+                w = padded(weight, dtype, Hp)  # (V, Hp)
+                yk = y.index_select(0, order)
+                ce, lse, zt = _launch_fwd(h, w, yk, softcap, ignore_index, num_splits)
+                ce_out = torch.empty_like(ce).index_copy_(0, order, ce)
+            else:  # "gemm": any H, no copy of operands already in the compute dtype
+                h, w, yk = hidden.to(dtype).contiguous(), weight.to(dtype).contiguous(), y
+                ce, lse, zt = _gemm_fwd(h, w, y, softcap, ignore_index)
+                ce_out = ce
             valid = y != ignore_index
             tw = valid.float() if token_weights is None else token_weights.float() * valid
-            out = ce * tw  # (N,) fp32
-        ctx.save_for_backward(h, w, y, tw, ce, lse, zt)
+            out = ce_out * tw  # (N,) fp32
+        ctx.save_for_backward(h, w, yk, order, tw, ce_out, ce, lse, zt)
         ctx.softcap, ctx.ignore_index, ctx.H = softcap, ignore_index, hidden.shape[1]
+        ctx.impl, ctx.filter_eps = impl, filter_eps
         return out.sum() if reduction == "sum" else out
 
     @staticmethod
     def backward(ctx, grad_out):
-        h, w, y, tw, ce, lse, zt = ctx.saved_tensors
+        h, w, y, order, tw, ce_out, ce, lse, zt = ctx.saved_tensors
         need_h, need_w, need_tw = (ctx.needs_input_grad[i] for i in (0, 1, 3))
         with no_autocast(h.device.type):
             grad_out = grad_out.float()
-            g = (tw * grad_out).contiguous()  # (N,)
-            dh, dw = ce_backward(h, w, y, ctx.ignore_index, g, ce, lse, zt, ctx.softcap, need_h,
-                                 need_w, dtypes=ctx.dtypes[:2], H=ctx.H)
-            d_tw = (ce * grad_out).to(ctx.dtypes[2]) if need_tw else None
-        return dh, dw, None, d_tw, None, None, None, None, None
+            g = tw * grad_out  # (N,)
+            if order is not None:
+                g = g.index_select(0, order)
+            dh, dw = ce_backward(h, w, y, ctx.ignore_index, g.contiguous(), ce, lse, zt,
+                                 ctx.softcap, need_h, need_w, dtypes=ctx.dtypes[:2], H=ctx.H,
+                                 impl=ctx.impl, filter_eps=ctx.filter_eps)
+            if dh is not None and order is not None:
+                dh = torch.empty_like(dh).index_copy_(0, order, dh)
+            d_tw = (ce_out * grad_out).to(ctx.dtypes[2]) if need_tw else None
+        return dh, dw, None, d_tw, None, None, None, None, None, None, None
 
 
 def ce_backward(hidden, weight, targets, ignore_index, g, ce, lse, zt, softcap, need_h, need_w,
-                dtypes=None, H=None):
-    """Gradients of sum_t g_t * CE_t with respect to hidden (N, Hp) and weight (V, Hp) (both as
-    the forward launched them: ``padded``), from the forward's per-row CE, lse and target logit
-    (all (N,) fp32): the off-target part in the Triton kernel, the target column in fp32 here.
-    Returns (d_hidden | None, d_weight | None), cut back to the first ``H`` columns (default: all)
-    and in ``dtypes`` (default: the inputs' own)."""
-    dh_dtype, dw_dtype = dtypes or (hidden.dtype, weight.dtype)
+                dtypes=None, H=None, impl="triton", filter_eps=0.0):
+    """Gradients of sum_t g_t * CE_t with respect to hidden (N, Hp) and weight (V, Hp) (as the
+    forward launched them), from the forward's per-row CE, lse and target logit (all (N,) fp32).
+    impl "triton": the off-target part in the fused kernel (gradient filter ``filter_eps``, 0 =
+    exact), the target column in fp32 here; "gemm": ``_gemm_bwd``. Returns (d_hidden | None,
+    d_weight | None), cut back to the first ``H`` columns (default: all) and in ``dtypes``
+    (default: the inputs' own)."""
+    dtypes = dtypes or (hidden.dtype, weight.dtype)
     H = H or hidden.shape[1]
-    dh, dw = _launch_bwd(hidden, weight, targets, lse, g, softcap, need_h, need_w)
+    if impl == "gemm":
+        dh, dw = _gemm_bwd(hidden, weight, targets, g, ce, lse, softcap, need_h, need_w, dtypes)
+        if dh is not None:
+            dh = dh[:, :H].to(dtypes[0]).contiguous()
+        if dw is not None:
+            dw = dw[:, :H].contiguous()
+        return dh, dw
+    # the filter's per-row threshold: filter_eps x the row's off-target mass 1 - p_y = -expm1(-CE)
+    thresholds = (-filter_eps * torch.expm1(-ce)).contiguous() if filter_eps > 0 else None
+    dh, dw = _launch_bwd(hidden, weight, targets, lse, g, softcap, need_h, need_w, thresholds)
     # the target column in fp32: g * (p_y - 1) * softcap'(z_y), with p_y - 1 = expm1(-CE)
     # accurate however close p_y is to 1 (CE itself came from log1p); NaN on a bad target's row
     coef = g * torch.expm1(-ce)
@@ -557,27 +856,43 @@ def ce_backward(hidden, weight, targets, ignore_index, g, ce, lse, zt, softcap, 
     _, _, y = _target_rows(targets, ignore_index, weight.shape[0])
     if need_h:
         dh += coef[:, None] * weight.index_select(0, y).float()
-        dh = dh[:, :H].to(dh_dtype).contiguous()
+        dh = dh[:, :H].to(dtypes[0]).contiguous()
     if need_w:
         dw.index_add_(0, y, hidden.float() * coef[:, None])
-        dw = dw[:, :H].to(dw_dtype).contiguous()
+        dw = dw[:, :H].to(dtypes[1]).contiguous()
     return dh, dw
 
 
-def linear_ce_triton(hidden, weight, targets, token_weights=None, *, ignore_index=-100,
-                     softcap=None, reduction="sum", num_splits=None):
-    """The fused Triton kernels (see the module docstring). CUDA tensors, or CPU tensors under
-    TRITON_INTERPRET=1. ``num_splits`` forces the forward's vocabulary split count (tests)."""
+def _fused(impl, hidden, weight, targets, token_weights, ignore_index, softcap, reduction,
+           num_splits=None, filter_eps=None):
     if not HAS_TRITON:
-        raise RuntimeError("the triton backend needs the triton package")
+        raise RuntimeError(f"the {impl} backend needs the triton package")
     _check(hidden, weight, targets, token_weights, reduction, ignore_index)
     if hidden.device.type != "cuda" and not _interpreting():
-        raise RuntimeError("the triton backend runs on CUDA tensors (or on CPU under "
+        raise RuntimeError(f"the {impl} backend runs on CUDA tensors (or on CPU under "
                            "TRITON_INTERPRET=1 for testing); use backend='torch' on a CPU")
     dtype = compute_dtype(hidden, weight)
     dot_precision(dtype)  # a clear error for float64
-    return _TritonLinearCE.apply(hidden, weight, targets, token_weights, ignore_index, softcap,
-                                 reduction, num_splits, dtype)
+    eps = default_filter_eps(dtype, filter_eps) if impl == "triton" else 0.0
+    return _FusedLinearCE.apply(hidden, weight, targets, token_weights, ignore_index, softcap,
+                                reduction, impl, num_splits, eps, dtype)
+
+
+def linear_ce_triton(hidden, weight, targets, token_weights=None, *, ignore_index=-100,
+                     softcap=None, reduction="sum", num_splits=None, filter_eps=None):
+    """The fused Triton kernels (see the module docstring). CUDA tensors, or CPU tensors under
+    TRITON_INTERPRET=1. ``num_splits`` forces the forward's vocabulary split count (tests);
+    ``filter_eps`` the backward's gradient filter (default ``default_filter_eps``; 0 = exact)."""
+    return _fused("triton", hidden, weight, targets, token_weights, ignore_index, softcap,
+                  reduction, num_splits, filter_eps)
+
+
+def linear_ce_gemm(hidden, weight, targets, token_weights=None, *, ignore_index=-100,
+                   softcap=None, reduction="sum"):
+    """Vocabulary chunks through cuBLAS GEMMs and fused Triton elementwise kernels (see the
+    module docstring). CUDA tensors, or CPU tensors under TRITON_INTERPRET=1."""
+    return _fused("gemm", hidden, weight, targets, token_weights, ignore_index, softcap,
+                  reduction)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -694,26 +1009,114 @@ def linear_ce_torch(hidden, weight, targets, token_weights=None, *, ignore_index
 
 
 # ---------------------------------------------------------------------------------------------
+# cost model (what "auto" decides by; ``python -m bench.roofline`` prints it)
+
+# A GPU as the model sees it: dense tensor-core rates (TFLOP/s) per operand width, HBM bandwidth
+# (TB/s; fp32 atomics are counted at this rate too, an optimistic bound: they resolve in L2).
+H100 = {"name": "H100 SXM", "tflops": {2: 989.0, 4: 67.0, "tf32": 494.5}, "tbps": 3.35}
+
+
+def predict(backend: str, N: int, H: int, V: int, operand_bytes: int = 2,
+            pass_fraction: float = 1.0, spec: dict = H100, backward: bool = True) -> dict:
+    """Roofline prediction of one forward + backward (all rows scored, both gradients, 16-bit
+    gradients of 16-bit operands): FLOPs, HBM bytes, fp32 atomic bytes, peak bytes of the op's
+    own buffers (outputs and gradients included, inputs not) and time, each phase costing
+    max(FLOPs / peak, bytes / bandwidth), the phases and the atomics added up.
+
+    "gemm": 8NHV FLOPs in four GEMMs per chunk (forward logits, backward logits, d_hidden, d_weight)
+    plus two elementwise passes over the fp32 logits (read 4 bytes a logit in the forward; read 4 and
+    write ``operand_bytes`` in the backward).
+    "triton": 4NHV FLOPs for the two logit sweeps, plus ``pass_fraction`` (the share of tiles that
+    pass the gradient filter: data-dependent, 1 = none filtered) of the 4NHV gradient products and
+    of the atomics: each tile adds (BLOCK_N + BLOCK_V) x H fp32 values, 4NHV (1/BLOCK_V +
+    1/BLOCK_N) bytes in all. Operands are read from HBM once per pass (the launch order keeps the
+    tiles that concurrent programs share in L2). ``backward=False``: the forward phases only (a
+    frozen model's log-probs)."""
+    b = operand_bytes
+    peak = spec["tflops"][b] * 1e12
+    bw = spec["tbps"] * 1e12
+    nhv, nv = N * H * V, N * V
+    grads = (N + V) * H * b  # d_hidden and d_weight as returned
+    if backend == "gemm":
+        C = gemm_chunk_cols(N, V)
+        K = -(-V // C)
+        gemm = 2 * nhv
+        logits = K * N * H * b + V * H * b + nv * 4  # h per chunk, W once, fp32 logits out
+        phases = [("forward logits GEMM", gemm, logits),
+                  ("forward statistics", 0, nv * 4),
+                  ("backward logits GEMM", gemm, logits),
+                  ("softmax gradient", 0, nv * (4 + b)),
+                  ("d_hidden GEMM", gemm, nv * b + V * H * b + 2 * K * N * H * 4),
+                  ("d_weight GEMM", gemm, nv * b + K * N * H * b + V * H * b)]
+        atomics = 0
+        memory = N * C * (4 + b) + 2 * N * H * 4 + grads + 4 * N * 4
+        if not backward:
+            phases, memory = phases[:2], N * C * 4 + 4 * N * 4
+    elif backend == "triton":
+        bn, bv = _CONFIGS["hopper"]["bwd16" if b == 2 else "bwd32"][:2]
+        f = pass_fraction
+        sweep = (N + V) * H * b
+        phases = [("forward sweep", 2 * nhv, sweep),
+                  ("backward sweep", 2 * nhv, sweep),
+                  ("gradient products", f * 4 * nhv, f * sweep)]
+        atomics = f * 4 * nhv * (1 / bv + 1 / bn)
+        # the compacted copy of h, the fp32 buffers, then the 16-bit gradients beside them
+        memory = N * H * b + (N + V) * H * 4 + grads + N * H * b
+        if not backward:
+            phases, atomics, memory = phases[:1], 0.0, N * H * b + 4 * N * 4
+    else:
+        raise ValueError(f"no cost model for backend {backend!r}")
+    ms = sum(max(fl / peak, by / bw) for _, fl, by in phases) * 1e3 + atomics / bw * 1e3
+    return {"backend": backend, "N": N, "H": H, "V": V, "flops": sum(p[1] for p in phases),
+            "hbm_bytes": sum(p[2] for p in phases), "atomic_bytes": atomics, "memory_bytes": memory,
+            "ms": ms, "phases": phases}
+
+
+def choose_fused(N: int, H: int, V: int, operand_bytes: int = 2, spec: dict = H100,
+                 backward: bool = True) -> str:
+    """The fused backend with the lower predicted time at this shape (forward + backward, or the
+    forward alone), the "triton" one taken as unfiltered (its filter rate is not known before the
+    backward)."""
+    times = {k: predict(k, max(N, 1), H, V, operand_bytes, spec=spec, backward=backward)["ms"]
+             for k in ("gemm", "triton")}
+    return min(times, key=times.get)
+
+
+def auto_backend(hidden: torch.Tensor, weight: torch.Tensor) -> str:
+    """The backend "auto" runs: "torch" off CUDA, ``choose_fused`` on CUDA (forward only when
+    neither input will get a gradient)."""
+    if not (hidden.is_cuda and HAS_TRITON):
+        return "torch"
+    b = 2 if compute_dtype(hidden, weight) in SIXTEEN_BIT else 4
+    backward = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    return choose_fused(hidden.shape[0], hidden.shape[1], weight.shape[0], b, backward=backward)
+
+
+# ---------------------------------------------------------------------------------------------
 # public entry point
 
 
 def linear_cross_entropy(hidden, weight, targets, token_weights=None, *, ignore_index=-100,
-                         softcap=None, reduction="sum", backend="auto"):
+                         softcap=None, reduction="sum", backend="auto", filter_eps=None):
     """``sum_t w_t * CE_t`` of the head projection ``hidden @ weight.T`` without (N, V) logits.
 
     hidden (N, H), weight (V, H), targets (N,), token_weights (N,) float or None (= 1).
     reduction "sum" gives a scalar, "none" the per-token ``w_t * CE_t`` (N,) (0 on ignored rows).
-    backend: "auto" | "triton" | "torch" | "reference" (see the module docstring). The matmuls
-    run in ``compute_dtype(hidden, weight)`` (the autocast dtype under autocast); gradients reach
-    hidden, weight and token_weights, each in its own dtype.
+    backend: "auto" | "triton" | "gemm" | "torch" | "reference" (see the module docstring).
+    The matmuls run in ``compute_dtype(hidden, weight)`` (the autocast dtype under autocast);
+    gradients reach hidden, weight and token_weights, each in its own dtype. ``filter_eps``: the
+    "triton" backward's gradient filter (default 2^-12 for 16-bit operands, 0 = exact).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        backend = "triton" if hidden.is_cuda and HAS_TRITON else "torch"
+        backend = auto_backend(hidden, weight)
     if backend == "triton":
         return linear_ce_triton(hidden, weight, targets, token_weights, ignore_index=ignore_index,
-                                softcap=softcap, reduction=reduction)
+                                softcap=softcap, reduction=reduction, filter_eps=filter_eps)
+    if backend == "gemm":
+        return linear_ce_gemm(hidden, weight, targets, token_weights, ignore_index=ignore_index,
+                              softcap=softcap, reduction=reduction)
     if backend == "reference":
         return linear_ce_reference(hidden, weight, targets, token_weights, ignore_index=ignore_index,
                                    softcap=softcap, reduction=reduction)

@@ -8,9 +8,9 @@ attention function; nothing in transformers is patched.
 Backends, chosen per call:
 - CUDA: flash-attn's ``flash_attn_varlen_func`` when installed, else
   ``torch.nn.attention.varlen.varlen_attn`` (torch >= 2.9), in the autocast dtype under autocast
-  (16-bit only); fp32 attention (``model.dtype: float32``), a head dimension FlashAttention does
-  not take (not a multiple of 8, or over 256), softcapping or a backend that lacks a feature falls
-  back to the per-example loop below.
+  (16-bit only; a head dimension that is not a multiple of 8 is zero-padded to one); fp32
+  attention (``model.dtype: float32``), a head dimension over 256, softcapping or a backend that
+  lacks a feature falls back to the per-example loop below.
 - CPU (and fallback): a loop over examples with ``scaled_dot_product_attention`` (is_causal), or an
   explicit softmax when the model uses attention-logit softcapping (Gemma-2) or a sliding window.
 
@@ -77,10 +77,21 @@ def _loop_attention(q, k, v, cu, scale, softcap, window):
 
 def varlen_kernel_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether the CUDA varlen kernels take these (T, H, D) inputs: one 16-bit dtype, and a head
-    dimension FlashAttention supports (a multiple of 8, at most 256)."""
+    dimension FlashAttention supports once padded to a multiple of 8 (at most 256)."""
     D = q.shape[-1]
     return (q.dtype in (torch.float16, torch.bfloat16) and q.dtype == k.dtype == v.dtype
-            and D % 8 == 0 and D <= 256 and k.shape[-1] == D)
+            and _padded_head_dim(D) <= 256 and k.shape[-1] == D == v.shape[-1])
+
+
+def _padded_head_dim(D: int) -> int:
+    return -(-D // 8) * 8
+
+
+def _pad_head_dim(x: torch.Tensor) -> torch.Tensor:
+    # zeros on the right of the head dimension: q.k and the softmax (with an explicit scale) are
+    # unchanged, and the output's extra columns (zero weights of v) are cut off after
+    D = x.shape[-1]
+    return x if D % 8 == 0 else F.pad(x, (0, _padded_head_dim(D) - D))
 
 
 def _cuda_varlen(q, k, v, cu, max_len, scale, softcap, window, groups):
@@ -142,9 +153,10 @@ def packed_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
             dtype = torch.get_autocast_dtype("cuda")
             q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         if varlen_kernel_fits(q, k, v):
-            out = _cuda_varlen(q, k, v, cu.to(torch.int32), max_len, scale, softcap, window, groups)
+            out = _cuda_varlen(_pad_head_dim(q), _pad_head_dim(k), _pad_head_dim(v),
+                               cu.to(torch.int32), max_len, scale, softcap, window, groups)
             if out is not None:
-                return out.unsqueeze(0), None  # (1, T, Hq, D)
+                return out[..., :D].unsqueeze(0), None  # (1, T, Hq, D)
     starts = cu.tolist()  # CPU path: one host sync per layer, fine on a CPU
     out = _loop_attention(query[0], _repeat_kv(key[0], groups, 0), _repeat_kv(value[0], groups, 0),
                           starts, scale, softcap, window)  # (Hq, T, D)

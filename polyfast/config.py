@@ -76,7 +76,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float | None = 1.0
-    loss_backend: Literal["auto", "triton", "torch", "reference"] = "auto"
+    loss_backend: Literal["auto", "triton", "gemm", "torch", "reference"] = "auto"
     device: str = "auto"                 # auto | cpu | cuda | cuda:N
     tf32: bool = False                   # fp32 CUDA matmuls (trunk and loss head) on TF32 tensor
                                          # cores; for model.dtype float32 (auto/bf16 compute in bf16)
@@ -270,7 +270,7 @@ class HDPOLossConfig:
     # under torchrun: each rank holds whole frozen models (replicate), or they are FSDP2-sharded
     # like the policy (shard: less memory, one all-gather per layer and forward)
     frozen: Literal["replicate", "shard"] = "replicate"
-    loss_backend: Literal["auto", "triton", "torch", "reference"] = "auto"
+    loss_backend: Literal["auto", "separate", "triton", "torch", "reference"] = "auto"
 
 
 def _hdpo_train_defaults() -> TrainConfig:

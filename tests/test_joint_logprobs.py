@@ -31,7 +31,7 @@ def test_sums_and_gradients_match_the_oracle(M):
     segs[5] = 6
     segs[segs == 6] = -1
     segs[5] = 6  # a single-token segment
-    for backend in ("torch", "reference"):
+    for backend in ("torch", "separate", "reference"):
         hs = [h.float().clone().requires_grad_(m == 0) for m, h in enumerate(hiddens)]
         ws = [w.float().clone().requires_grad_(m == 0) for m, w in enumerate(weights)]
         sums, counts = joint_logprobs(hs, ws, targets, segs, S, softcaps=softcaps, backend=backend)
@@ -74,7 +74,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 @pytest.mark.parametrize("M", [1, 2, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_triton_sums_and_gradients_match_the_oracle(M, dtype):
+@pytest.mark.parametrize("splits,backward", [(None, "triton"), (3, "triton"), (2, "gemm")])
+def test_triton_sums_and_gradients_match_the_oracle(M, dtype, splits, backward):
     from polyfast.kernels import joint_logprobs_triton
     g = torch.Generator().manual_seed(10 + M)
     N, V, S = 45, 71, 9
@@ -90,8 +91,11 @@ def test_triton_sums_and_gradients_match_the_oracle(M, dtype):
     segs[-1] = S - 1  # a single-token segment
     hs = [h.to(DEVICE, dtype).requires_grad_(m == 0) for m, h in enumerate(hiddens)]
     ws = [w.to(DEVICE, dtype).requires_grad_(m == 0) for m, w in enumerate(weights)]
+    # vocabulary splits merged after the launch; the policy's backward exact (filter off)
     sums, counts, tok = joint_logprobs_triton(hs, ws, targets.to(DEVICE), segs.to(DEVICE), S,
-                                              softcaps=softcaps, return_token_logprobs=True)
+                                              softcaps=softcaps, return_token_logprobs=True,
+                                              num_splits=splits, backward=backward,
+                                              filter_eps=0.0)
     ref_h = [h.clone().requires_grad_(m == 0) for m, h in enumerate(hiddens)]
     ref_w = [w.clone().requires_grad_(m == 0) for m, w in enumerate(weights)]
     ref = _oracle(ref_h, ref_w, targets, segs, S, softcaps)

@@ -1,9 +1,10 @@
-"""CUDA-only checks of the Triton backend: bf16 at real sizes, no host syncs. Skipped without a GPU."""
+"""CUDA-only checks of the fused backends ("triton", exact and filtered, and "gemm"): bf16 at real
+sizes, no host syncs. Skipped without a GPU."""
 
 import pytest
 import torch
 
-from polyfast.kernels import linear_ce_reference, linear_ce_triton
+from polyfast.kernels import linear_ce_gemm, linear_ce_reference, linear_ce_triton
 from tests.utils import rel_err
 
 pytestmark = [pytest.mark.cuda,
@@ -41,13 +42,18 @@ def test_bf16_real_size_against_fp64_reference(softcap):
     w = torch.rand(N, device="cuda", generator=g)
     ref = _grads(linear_ce_reference, hidden.double(), weight.double(), targets, w, torch.float64,
                  softcap=softcap)
-    got = _grads(linear_ce_triton, hidden, weight, targets, w, torch.bfloat16, softcap=softcap)
-
     base = _grads(_same_dtype, hidden, weight, targets, w, torch.bfloat16, softcap=softcap)
-    for name, a, b, e in zip(("loss", "d_hidden", "d_weight"), got, base, ref):
-        ea, eb = rel_err(a, e), rel_err(b, e)
-        print(f"{name}: triton {ea:.2e}, torch bf16 {eb:.2e}")
-        assert ea <= 2 * eb + ATOL[torch.bfloat16], (name, ea, eb)
+    bad = []
+    for label, fn, kw in (("triton exact", linear_ce_triton, {"filter_eps": 0.0}),
+                          ("triton filtered", linear_ce_triton, {}),
+                          ("gemm", linear_ce_gemm, {})):
+        got = _grads(fn, hidden, weight, targets, w, torch.bfloat16, softcap=softcap, **kw)
+        for name, a, b, e in zip(("loss", "d_hidden", "d_weight"), got, base, ref):
+            ea, eb = rel_err(a, e), rel_err(b, e)
+            print(f"{label} {name}: {ea:.2e}, torch bf16 {eb:.2e}")
+            if not ea <= 2 * eb + ATOL[torch.bfloat16]:
+                bad.append((label, name, ea, eb))
+    assert not bad, bad
 
 
 def test_no_host_sync_inside_the_call():
@@ -55,13 +61,14 @@ def test_no_host_sync_inside_the_call():
     hidden = torch.randn(N, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     weight = torch.randn(V, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     targets = torch.randint(0, V, (N,), device="cuda")
-    linear_ce_triton(hidden, weight, targets).backward()  # compile outside the check
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        linear_ce_triton(hidden, weight, targets).backward()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    for fn in (linear_ce_triton, linear_ce_gemm):
+        fn(hidden, weight, targets).backward()  # compile outside the check
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            fn(hidden, weight, targets).backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
 
 
 def test_large_hidden_size_fp32():
@@ -71,9 +78,10 @@ def test_large_hidden_size_fp32():
     weight = torch.randn(V, H, device="cuda", generator=g, dtype=torch.float64) / 8
     targets = torch.randint(0, V, (N,), device="cuda", generator=g)
     ref = _grads(linear_ce_reference, hidden, weight, targets, None, torch.float64)
-    got = _grads(linear_ce_triton, hidden, weight, targets, None, torch.float32)
-    for name, a, e in zip(("loss", "d_hidden", "d_weight"), got, ref):
-        assert rel_err(a, e) <= 1e-5, (name, rel_err(a, e))
+    for fn in (linear_ce_triton, linear_ce_gemm):
+        got = _grads(fn, hidden, weight, targets, None, torch.float32)
+        for name, a, e in zip(("loss", "d_hidden", "d_weight"), got, ref):
+            assert rel_err(a, e) <= 1e-5, (fn.__name__, name, rel_err(a, e))
 
 
 def test_autocast_takes_fp32_inputs_to_bf16_kernels_and_keeps_a_bf16_head_uncopied(monkeypatch):

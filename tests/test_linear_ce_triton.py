@@ -8,7 +8,9 @@ Shapes are small and odd: the interpreter is slow.
 import pytest
 import torch
 
-from polyfast.kernels import linear_ce_reference, linear_ce_triton, linear_cross_entropy
+from polyfast.kernels import linear_ce as lce
+from polyfast.kernels import (linear_ce_gemm, linear_ce_reference, linear_ce_triton,
+                              linear_cross_entropy)
 from tests.utils import assert_close, rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -52,14 +54,21 @@ def _run(fn, hidden, weight, targets, w, dtype, reduction, device="cpu", **kw):
 @pytest.mark.parametrize("N,H,V,softcap,ignore,splits", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("reduction", ["sum", "none"])
-def test_triton_matches_fp64_reference(N, H, V, softcap, ignore, splits, dtype, reduction):
+@pytest.mark.parametrize("backend", ["triton", "gemm"])
+def test_fused_backends_match_fp64_reference(N, H, V, softcap, ignore, splits, dtype, reduction,
+                                             backend, monkeypatch):
     hidden, weight, targets, w = _inputs(N, H, V, ignore)
     # the reference sees the same (rounded) inputs, so only the kernel's own error is measured
     hidden, weight = hidden.to(dtype).double(), weight.to(dtype).double()
     ref = _run(linear_ce_reference, hidden, weight, targets, w, torch.float64, reduction,
                softcap=softcap)
-    got = _run(linear_ce_triton, hidden, weight, targets, w, dtype, reduction, DEVICE,
-               softcap=softcap, num_splits=splits)
+    if backend == "triton":  # filter off: exact
+        got = _run(linear_ce_triton, hidden, weight, targets, w, dtype, reduction, DEVICE,
+                   softcap=softcap, num_splits=splits, filter_eps=0.0)
+    else:  # `splits` (default 3) vocabulary chunks, merged as on a GPU
+        monkeypatch.setattr(lce, "gemm_chunk_cols", lambda n, v: -(-v // (splits or 3)))
+        got = _run(linear_ce_gemm, hidden, weight, targets, w, dtype, reduction, DEVICE,
+                   softcap=softcap)
     for name, a, e in zip(("loss", "d_hidden", "d_weight"), got, ref):
         assert_close(a, e, TOL[dtype], f"{name} ({dtype}, N={N}, H={H}, V={V}, softcap={softcap})")
     if ignore == 1.0:
@@ -100,20 +109,19 @@ def test_frozen_inputs_get_no_gradient_work():
     assert_close(h.grad.cpu(), ref_h.grad, 1e-5, "d_hidden with a frozen head")
 
 
-def test_auto_backend_uses_triton_on_cuda_and_torch_on_cpu(monkeypatch):
-    import polyfast.kernels.linear_ce as lce
+def test_auto_backend_uses_torch_on_cpu_and_the_cost_model_on_cuda(monkeypatch):
     calls = []
-    monkeypatch.setattr(lce, "linear_ce_triton", lambda *a, **k: calls.append("triton") or 0)
-    monkeypatch.setattr(lce, "linear_ce_torch", lambda *a, **k: calls.append("torch") or 0)
+    for name in ("triton", "gemm", "torch"):
+        monkeypatch.setattr(lce, f"linear_ce_{name}", lambda *a, name=name, **k: calls.append(name) or 0)
     h, W, y, _ = _inputs(8, 16, 20, 0.0)
     lce.linear_cross_entropy(h.float(), W.float(), y, backend="auto")
     assert calls == ["torch"]
     if torch.cuda.is_available():
         lce.linear_cross_entropy(h.float().cuda(), W.float().cuda(), y.cuda(), backend="auto")
-        assert calls == ["torch", "triton"]
+        assert calls == ["torch", lce.choose_fused(8, 16, 20, 4, backward=False)]
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", ["triton", "gemm", "torch"])
 def test_mixed_dtypes_return_gradients_in_each_inputs_dtype(backend):
     # autocast: 16-bit hidden states, an fp32 head
     hidden, weight, targets, w = _inputs(20, 16, 40, 0.1)
@@ -139,11 +147,68 @@ def test_bucket_sft_loss_on_triton_equals_torch_twin():
     hidden = torch.randn(T, H, generator=g)
     weight = torch.randn(V, H, generator=g) / 4
     results = []
-    for backend in ("torch", "triton"):
+    for backend in ("torch", "triton", "gemm"):
         h = hidden.to(DEVICE).requires_grad_()
         W = weight.to(DEVICE).requires_grad_()
         loss, per_token = bucket_sft_loss(h, W, labels.to(DEVICE), tw.to(DEVICE), 3.0, backend=backend)
         loss.backward()
         results.append([t.detach().cpu() for t in (loss, per_token, h.grad, W.grad)])
-    for name, a, b in zip(("loss", "per_token", "d_hidden", "d_weight"), *results):
-        assert_close(b, a, 1e-5, name)
+    for other in results[1:]:
+        for name, a, b in zip(("loss", "per_token", "d_hidden", "d_weight"), results[0], other):
+            assert_close(b, a, 1e-5, name)
+
+
+def _concentrated(N=40, H=32, V=96, hot=8, seed=0):
+    """Rows whose probability sits on the first ``hot`` columns (one interpreter tile): logits 10
+    to 12 there, ~0 on the rest of the vocabulary (p ~ 1e-5 each, below 2^-12 x (1 - p_y), so the
+    filter skips the other tiles)."""
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.zeros(V, H, dtype=torch.float64)
+    weight[:hot, :hot] = torch.eye(hot, dtype=torch.float64)
+    weight[hot:, hot:] = torch.randn(V - hot, H - hot, generator=g, dtype=torch.float64) * 0.3
+    hidden = torch.zeros(N, H, dtype=torch.float64)
+    hidden[:, :hot] = 12.0 * (1 - 0.2 * torch.rand(N, hot, generator=g, dtype=torch.float64))
+    hidden[:, hot:] = 0.3 * torch.randn(N, H - hot, generator=g, dtype=torch.float64)
+    targets = torch.randint(0, hot, (N,), generator=g)
+    return hidden.half().double(), weight.half().double(), targets
+
+
+def test_gradient_filter_skips_negligible_tiles_within_16bit_error():
+    hidden, weight, targets = _concentrated()
+    p = torch.softmax(hidden @ weight.T, dim=1)
+    off_target = 1 - p.gather(1, targets[:, None])[:, 0]
+    assert (p[:, 32:].max(dim=1).values < 2.0 ** -12 * off_target).all()  # tiles 2 and 3: skipped
+    assert (off_target > 0.01).all()
+    ref = _run(linear_ce_reference, hidden, weight, targets, None, torch.float64, "sum")
+    exact = _run(linear_ce_triton, hidden, weight, targets, None, torch.float16, "sum", DEVICE,
+                 filter_eps=0.0)
+    filtered = _run(linear_ce_triton, hidden, weight, targets, None, torch.float16, "sum", DEVICE)
+    # the filter acted: the skipped tiles' head rows got nothing, where the exact run has values
+    assert (filtered[2][32:] == 0).all() and (exact[2][32:] != 0).any()
+    for name, f, e, r in zip(("loss", "d_hidden", "d_weight"), filtered, exact, ref):
+        assert rel_err(f, r) <= 2 * rel_err(e, r) + 2.0 ** -11, (name, rel_err(f, r), rel_err(e, r))
+
+
+def test_gradient_filter_keeps_a_peaked_rows_off_target_mass():
+    # p(target) = 0.999 and 63 others at ~1.6e-5 each: below the absolute 2^-12, but together as
+    # large as p_y - 1; relative to the row's off-target mass they are not negligible, and stay
+    V = H = 64
+    g = torch.Generator().manual_seed(0)
+    weight = torch.linalg.qr(torch.randn(V, H, generator=g, dtype=torch.float64))[0]
+    targets = torch.randint(0, V, (40,), generator=g)
+    s = torch.log(torch.tensor(0.999 * (V - 1) / 0.001, dtype=torch.float64))
+    hidden = (s * weight[targets]).half().double()
+    weight = weight.half().double()
+    exact = _run(linear_ce_triton, hidden, weight, targets, None, torch.float16, "sum", DEVICE,
+                 filter_eps=0.0)
+    filtered = _run(linear_ce_triton, hidden, weight, targets, None, torch.float16, "sum", DEVICE)
+    for a, b in zip(filtered, exact):
+        assert torch.equal(a, b)
+
+
+def test_filter_eps_must_be_a_non_negative_number():
+    hidden, weight, targets, _ = _inputs(8, 16, 20, 0.0)
+    for bad in (-1e-3, float("nan")):
+        with pytest.raises(ValueError, match="filter_eps"):
+            linear_ce_triton(hidden.float().to(DEVICE), weight.float().to(DEVICE),
+                             targets.to(DEVICE), filter_eps=bad)

@@ -14,7 +14,8 @@ from tests.test_linear_ce_triton import _inputs
 from tests.utils import assert_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-BACKENDS = ["reference", "torch", "triton"]
+BACKENDS = ["reference", "torch", "triton", "gemm"]
+JOINT_BACKENDS = ["reference", "torch", "triton"]
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
 
 
@@ -162,7 +163,7 @@ def test_tied_embeddings(backend):
     assert_close(grads[0].double(), grads[1], 1e-5, f"tied d_weight ({backend})")
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "gemm"])
 @pytest.mark.parametrize("softcap", [None, 3.0])
 def test_fp16(backend, softcap):
     hidden, weight, targets, w = _data(seed=7)
@@ -203,7 +204,7 @@ def test_compute_dtype_rules():
         lce.compute_dtype(f32, torch.zeros(2, 2, dtype=torch.long))
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "gemm"])
 def test_autocast_runs_the_head_in_its_dtype(backend, monkeypatch):
     # fp32 hidden states and head (what HF models give under autocast) reach the matmuls as the
     # autocast dtype; the gradients come back fp32 and close to the oracle's
@@ -213,8 +214,9 @@ def test_autocast_runs_the_head_in_its_dtype(backend, monkeypatch):
         monkeypatch.setattr(lce, "_chunk_logits", lambda h, w, c: seen.append((h.dtype, w.dtype))
                             or real(h, w, c))
     else:
-        real = lce._launch_fwd
-        monkeypatch.setattr(lce, "_launch_fwd", lambda h, w, *a: seen.append((h.dtype, w.dtype))
+        name = "_launch_fwd" if backend == "triton" else "_gemm_fwd"
+        real = getattr(lce, name)
+        monkeypatch.setattr(lce, name, lambda h, w, *a: seen.append((h.dtype, w.dtype))
                             or real(h, w, *a))
     hidden, weight, targets, w = _data(seed=9)
     hidden, weight = hidden.half().double(), weight.half().double()
@@ -254,7 +256,7 @@ def _joint(backend, hs, ws, targets, seg, S, dtype=torch.float32, softcaps=None)
     return sums.detach().cpu(), counts.cpu(), h[0].grad.cpu(), w[0].grad.cpu()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", JOINT_BACKENDS)
 def test_joint_huge_logits_on_prompt_rows_and_strided_ids(backend):
     hs, ws, targets, seg, S = _joint_inputs(seed=1)
     prompt = seg < 0
@@ -268,7 +270,7 @@ def test_joint_huge_logits_on_prompt_rows_and_strided_ids(backend):
         assert_close(a.double(), e.double(), 1e-5, f"{name} ({backend})")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", JOINT_BACKENDS)
 def test_joint_no_tokens(backend):
     h = [torch.zeros(0, 16, device=DEVICE, requires_grad=True)]
     w = [torch.randn(20, 16, device=DEVICE)]
@@ -279,7 +281,7 @@ def test_joint_no_tokens(backend):
     assert h[0].grad.shape == (0, 16)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", JOINT_BACKENDS)
 def test_joint_bad_ids(backend, monkeypatch):
     hs, ws, targets, seg, S = _joint_inputs(seed=2)
     args = ([x.float().to(DEVICE) for x in hs], [x.float().to(DEVICE) for x in ws])

@@ -58,8 +58,8 @@ def test_unpacked_rows_get_plain_causal_attention():
 
 
 def test_varlen_kernels_only_get_inputs_they_take():
-    # the CUDA varlen kernels take one 16-bit dtype and head dims that are multiples of 8 up to
-    # 256; anything else (fp32 training, the tiny test models' head dim 12) takes the loop
+    # the CUDA varlen kernels take one 16-bit dtype and head dims up to 256 (padded to a multiple
+    # of 8: the tiny test models' 12 becomes 16); anything else (fp32 training) takes the loop
     from polyfast.attention import varlen_kernel_fits
     x = torch.zeros(10, 4, 64, dtype=torch.bfloat16)
     assert varlen_kernel_fits(x, x, x)
@@ -67,6 +67,23 @@ def test_varlen_kernels_only_get_inputs_they_take():
     assert not varlen_kernel_fits(x.float(), x.float(), x.float())
     assert not varlen_kernel_fits(x, x.float(), x)
     odd = torch.zeros(10, 4, 12, dtype=torch.bfloat16)
-    assert not varlen_kernel_fits(odd, odd, odd)
-    wide = torch.zeros(10, 4, 512, dtype=torch.bfloat16)
-    assert not varlen_kernel_fits(wide, wide, wide)
+    assert varlen_kernel_fits(odd, odd, odd)
+    wide = torch.zeros(10, 4, 252, dtype=torch.bfloat16)  # padded to 256: still fits
+    assert varlen_kernel_fits(wide, wide, wide)
+    wider = torch.zeros(10, 4, 260, dtype=torch.bfloat16)
+    assert not varlen_kernel_fits(wider, wider, wider)
+
+
+def test_zero_padding_the_head_dim_leaves_attention_unchanged():
+    # what the CUDA path does for head dims that are not multiples of 8, checked with SDPA
+    from polyfast.attention import _pad_head_dim
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 3, 9, 12, generator=g, dtype=torch.float64) for _ in range(3))
+    scale = 12 ** -0.5
+    plain = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    qp, kp, vp = (_pad_head_dim(t) for t in (q, k, v))
+    assert qp.shape[-1] == 16 and _pad_head_dim(qp) is qp
+    padded = torch.nn.functional.scaled_dot_product_attention(qp, kp, vp, is_causal=True,
+                                                              scale=scale)
+    assert (padded[..., 12:] == 0).all()
+    torch.testing.assert_close(padded[..., :12], plain, rtol=1e-12, atol=1e-12)

@@ -217,7 +217,7 @@ class HDPOTrainer(Trainer):
         the kernel reads its head. Replicated frozen models join models[0]'s ``joint_logprobs``
         launch; sharded ones gather their own weights, one launch each."""
         batch, seg = collate_pairs(pack, self.bucket_names)
-        batch, seg = batch.to(self.device), seg.to(self.device)
+        batch, seg = batch.to(self.device), to_device(seg, self.device)
         targets = shift_left(batch.labels, -100)[0]
         seg = shift_left(seg[None], -1)[0]
 
