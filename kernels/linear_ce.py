@@ -77,13 +77,18 @@ rows are first ordered scored-first (``_compaction``, an argsort on the device):
   recompute of each tile and one fp32 buffer per gradient ((N, H) and (V, H)). Rows without
   gradient contribute exact zeros (their logits are never exponentiated against a log-sum-exp they
   do not have); frozen inputs (no requires_grad) get no atomics at all. Offsets are int64 (V * H
-  and N * H may pass 2^31).
+  and N * H may pass 2^31). d_weight is built slab by slab (one launch per BWD_SLAB_ELEMENTS-sized
+  slab of head rows, 16384 rows at H = 2048): each slab's fp32 buffer gets the kernel's atomics
+  and the target column's terms, then is written out in the weight's dtype, so no (V, H) fp32
+  buffer exists; d_hidden's fp32 (N, H) buffer accumulates across the slabs.
   The target column is left out of the tile and applied outside the kernel in fp32, with
   p_y - 1 = expm1(-CE) (a gather of W[y] and an index_add into d_weight), so a peaked
   distribution (p(target) = 0.999) keeps its gradient (p - 1 = -1e-3) with bf16 inputs.
   Cost (``predict``): 4NHV FLOPs for the two logit sweeps, plus, for the share f of tiles that
   pass the filter, 4NHV FLOPs of products and 4NHV (1/BLOCK_N + 1/BLOCK_V) bytes of fp32 atomics
-  (521 GB at the shape above with f = 1: ~223 ms; 33.7 ms with f = 0).
+  (521 GB at the shape above with f = 1: ~223 ms; 33.7 ms with f = 0); memory = the compacted
+  copy of h, the fp32 d_hidden and target-column buffers, the 128 MiB slab and the 16-bit
+  gradients: 1.55 GB there.
 
 Bad ids: a target outside [0, V) that is not ignore_index is an error. On CPU tensors (and
 everywhere with POLYFAST_CHECK_IDS=1) it raises a ValueError naming the row; on CUDA the check
@@ -121,6 +126,8 @@ CHUNK_ELEMENTS = 1 << 23
 # N = 16384, few enough chunks that re-reading h and the d_hidden updates stay cheap
 GEMM_CHUNK_ELEMENTS = 1 << 27
 DEFAULT_FILTER_EPS = 2.0 ** -12
+# fp32 d_weight values per launch of the fused backward (a slab of head rows): 128 MiB
+BWD_SLAB_ELEMENTS = 1 << 25
 GROUP_N = 8  # row blocks that sweep the vocabulary together in the fused backward
 # (BLOCK_R, BLOCK_C, num_warps) of the "gemm" backend's elementwise kernels on a GPU
 ELEMENTWISE_CONFIGS = {"stats": (16, 256, 8), "grad": (8, 256, 4)}
@@ -622,35 +629,42 @@ def default_filter_eps(dtype: torch.dtype, filter_eps: float | None = None) -> f
     return filter_eps
 
 
-def _launch_bwd(hidden, weight, targets, lse, g, softcap, need_h, need_w, thresholds=None):
-    """Off-target part of the gradients into fp32 buffers; None for an input that needs no grad.
-    ``thresholds`` (N,) fp32: the gradient filter's per-row probability threshold (None: exact)."""
+def bwd_slab_rows(V: int, H: int) -> int:
+    """Head rows per launch of the fused backward: its fp32 d_weight slab holds at most
+    BWD_SLAB_ELEMENTS values (16384 rows at H = 2048), so no (V, H) fp32 buffer is needed."""
+    return max(1, min(V, BWD_SLAB_ELEMENTS // max(H, 1)))
+
+
+def _launch_bwd(hidden, weight, targets, lse, g, softcap, dh, dw, thresholds=None):
+    """One launch of the fused backward over ``weight`` (Vs, H) (the head or a slab of it; targets
+    relative to its first row): the off-target gradient contributions are added into the fp32
+    buffers dh (N, H) and dw (>= Vs, H), either None when not wanted. ``thresholds`` (N,) fp32:
+    the gradient filter's per-row probability threshold (None: exact)."""
     N, H = hidden.shape
     V = weight.shape[0]
-    device = hidden.device
-    dh = torch.zeros(N, H, device=device, dtype=torch.float32) if need_h else None
-    dw = torch.zeros(V, H, device=device, dtype=torch.float32) if need_w else None
-    if not (need_h or need_w) or N == 0:
-        return dh, dw
+    if N == 0 or (dh is None and dw is None):
+        return
 
-    def run(cfg):
+    def launch(cfg, dh, dw):
         bn, bv, bh, warps, stages = cfg
         dummy = lse  # a pointer the kernel never touches when a gradient is not computed
         _bwd_kernel[(triton.cdiv(N, bn) * triton.cdiv(V, bv),)](
             hidden, weight, targets, lse, g, dummy if thresholds is None else thresholds,
-            dh if need_h else dummy, dw if need_w else dummy, N, V, H, hidden.stride(0),
+            dummy if dh is None else dh, dummy if dw is None else dw, N, V, H, hidden.stride(0),
             weight.stride(0), float(softcap or 0.0), HAS_SOFTCAP=softcap is not None,
-            FILTER=thresholds is not None, COMPUTE_DH=need_h, COMPUTE_DW=need_w,
+            FILTER=thresholds is not None, COMPUTE_DH=dh is not None, COMPUTE_DW=dw is not None,
             GROUP_N=GROUP_N, BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh,
             DOT_PRECISION=dot_precision(hidden.dtype), num_warps=warps, num_stages=stages)
 
-    cfg = _config("bwd", device, hidden.dtype, (N // 1024, H, V, need_h, need_w), run)
-    if dh is not None:
-        dh.zero_()  # the tuner's trial runs (if any) accumulated into the buffers
-    if dw is not None:
-        dw.zero_()
-    run(cfg)
-    return dh, dw
+    scratch = []  # the tuner's trial runs (POLYFAST_AUTOTUNE=1) accumulate into copies
+
+    def trial(cfg):
+        if not scratch:
+            scratch.extend(None if b is None else torch.empty_like(b) for b in (dh, dw))
+        launch(cfg, *scratch)
+
+    key = (N // 1024, H, V, dh is not None, dw is not None)
+    launch(_config("bwd", hidden.device, hidden.dtype, key, trial), dh, dw)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -845,21 +859,39 @@ def ce_backward(hidden, weight, targets, ignore_index, g, ce, lse, zt, softcap, 
         if dw is not None:
             dw = dw[:, :H].contiguous()
         return dh, dw
+    N, Hp = hidden.shape
+    V = weight.shape[0]
+    device = hidden.device
     # the filter's per-row threshold: filter_eps x the row's off-target mass 1 - p_y = -expm1(-CE)
     thresholds = (-filter_eps * torch.expm1(-ce)).contiguous() if filter_eps > 0 else None
-    dh, dw = _launch_bwd(hidden, weight, targets, lse, g, softcap, need_h, need_w, thresholds)
     # the target column in fp32: g * (p_y - 1) * softcap'(z_y), with p_y - 1 = expm1(-CE)
     # accurate however close p_y is to 1 (CE itself came from log1p); NaN on a bad target's row
     coef = g * torch.expm1(-ce)
     if softcap is not None:
         coef = coef * (1.0 - (zt / softcap) ** 2)
-    _, _, y = _target_rows(targets, ignore_index, weight.shape[0])
+    _, _, y = _target_rows(targets, ignore_index, V)
+    dh = torch.zeros(N, Hp, device=device, dtype=torch.float32) if need_h else None
+    dw = buf = hc = None
+    slab = V
+    if need_w:
+        # d_weight slab by slab: an fp32 buffer of ``slab`` rows (+ one that collects the target
+        # terms of rows whose target lies outside the slab), written out in the weight's dtype
+        slab = bwd_slab_rows(V, Hp)
+        dw = torch.empty(V, H, device=device, dtype=dtypes[1])
+        buf = torch.empty(slab + 1, Hp, device=device, dtype=torch.float32)
+        hc = hidden.float() * coef[:, None]  # (N, Hp): the target column's d_weight rows
+    for v0 in range(0, V, slab):
+        v1 = min(v0 + slab, V)
+        if buf is not None:
+            buf.zero_()
+        _launch_bwd(hidden, weight[v0:v1], targets - v0 if v0 else targets, lse, g, softcap, dh,
+                    buf, thresholds)
+        if buf is not None:
+            buf.index_add_(0, torch.where((y >= v0) & (y < v1), y - v0, slab), hc)
+            dw[v0:v1] = buf[:v1 - v0, :H]
     if need_h:
         dh += coef[:, None] * weight.index_select(0, y).float()
         dh = dh[:, :H].to(dtypes[0]).contiguous()
-    if need_w:
-        dw.index_add_(0, y, hidden.float() * coef[:, None])
-        dw = dw[:, :H].to(dtypes[1]).contiguous()
     return dh, dw
 
 
@@ -1060,8 +1092,9 @@ def predict(backend: str, N: int, H: int, V: int, operand_bytes: int = 2,
                   ("backward sweep", 2 * nhv, sweep),
                   ("gradient products", f * 4 * nhv, f * sweep)]
         atomics = f * 4 * nhv * (1 / bv + 1 / bn)
-        # the compacted copy of h, the fp32 buffers, then the 16-bit gradients beside them
-        memory = N * H * b + (N + V) * H * 4 + grads + N * H * b
+        # the compacted copy of h, fp32 d_hidden and target-column rows, the d_weight slab, the
+        # gradients as returned
+        memory = N * H * b + 2 * N * H * 4 + bwd_slab_rows(V, H) * H * 4 + grads
         if not backward:
             phases, atomics, memory = phases[:1], 0.0, N * H * b + 4 * N * 4
     else:
