@@ -140,7 +140,7 @@ def render(rows: list[dict]) -> str:
                                   "x GEMM floor", "note"], table)
 
 
-def _shape(text: str) -> tuple[int, int, int]:
+def parse_shape(text: str) -> tuple[int, int, int]:
     try:
         n, h, v = (int(x) for x in text.lower().split("x"))
     except ValueError:
@@ -151,7 +151,7 @@ def _shape(text: str) -> tuple[int, int, int]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--grid", choices=sorted(GRIDS), default=None)
-    p.add_argument("--shapes", type=_shape, nargs="*", default=None, help="NxHxV ... (instead of a grid)")
+    p.add_argument("--shapes", type=parse_shape, nargs="*", default=None, help="NxHxV ... (instead of a grid)")
     p.add_argument("--backends", nargs="*", default=None)
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES))
     p.add_argument("--repeats", type=int, default=3)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 
 from bench.harness import markdown_table
-from bench.linear_ce import CCE_SHAPE, _shape
+from bench.linear_ce import CCE_SHAPE, parse_shape
 
 # the CCE comparison shape, a long pack of a Qwen2.5-1.5B / 7B-sized head, Llama-3.2-3B's head
 SHAPES = [CCE_SHAPE, (65536, 1536, 151936), (16384, 1536, 151936), (16384, 3072, 128256)]
@@ -45,7 +45,7 @@ def rows(shapes, operand_bytes: int, pass_fraction: float) -> list[list]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", type=_shape, nargs="*", default=None, help="NxHxV ...")
+    p.add_argument("--shapes", type=parse_shape, nargs="*", default=None, help="NxHxV ...")
     p.add_argument("--pass-fraction", type=float, default=0.0,
                    help="share of the fused backward's tiles past the gradient filter (extra row)")
     p.add_argument("--fp32", action="store_true", help="fp32 operands (IEEE products) instead of bf16")

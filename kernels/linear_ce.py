@@ -285,6 +285,16 @@ if HAS_TRITON:
         return z
 
     @triton.jit
+    def _fold_stats(z, is_target, m, s, zt):
+        # fold a (rows, cols) tile of logits (-inf where not a column) into the running max m,
+        # the off-target sum-exp s relative to m and the target logit zt
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        e = tl.where(is_target, 0.0, tl.exp(z - m_new[:, None]))
+        s = s * tl.exp(m - m_new) + tl.sum(e, axis=1)
+        zt += tl.sum(tl.where(is_target, z, 0.0), axis=1)
+        return m_new, s, zt
+
+    @triton.jit
     def _row_stats(h_ptr, w_ptr, y, rows, row_ok, v_start, v_end, H, stride_h, stride_w, softcap,
                    HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                    BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -300,12 +310,7 @@ if HAS_TRITON:
                             BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION)
             z = _apply_softcap(z, softcap, HAS_SOFTCAP)
             z = tl.where(col_ok[None, :], z, float("-inf"))
-            is_target = cols[None, :] == y[:, None]
-            m_new = tl.maximum(m, tl.max(z, axis=1))
-            e = tl.where(is_target, 0.0, tl.exp(z - m_new[:, None]))
-            s = s * tl.exp(m - m_new) + tl.sum(e, axis=1)
-            m = m_new
-            zt += tl.sum(tl.where(is_target, z, 0.0), axis=1)
+            m, s, zt = _fold_stats(z, cols[None, :] == y[:, None], m, s, zt)
         return m, s, zt
 
     @triton.jit
@@ -421,11 +426,7 @@ if HAS_TRITON:
                 z = tl.where(col_ok[None, :], _apply_softcap(z, softcap, HAS_SOFTCAP),
                              float("-inf"))
                 is_target = (cols[None, :] == yc[:, None]) & col_ok[None, :]
-                m_new = tl.maximum(m, tl.max(z, axis=1))
-                e = tl.where(is_target, 0.0, tl.exp(z - m_new[:, None]))
-                s = s * tl.exp(m - m_new) + tl.sum(e, axis=1)
-                m = m_new
-                zt += tl.sum(tl.where(is_target, z, 0.0), axis=1)
+                m, s, zt = _fold_stats(z, is_target, m, s, zt)
             tl.store(m_ptr + rows, m, mask=active)
             tl.store(s_ptr + rows, s, mask=active)
             tl.store(zt_ptr + rows, zt, mask=active)
@@ -670,25 +671,28 @@ def _launch_bwd(hidden, weight, targets, lse, g, softcap, dh, dw, thresholds=Non
 # ---------------------------------------------------------------------------------------------
 # the "gemm" backend: vocabulary chunks through cuBLAS, Triton for the elementwise part
 
-_MM_OUT_DTYPE: dict = {}  # device type -> whether torch.mm(..., out_dtype=) works there
+_OUT_DTYPE_WORKS: dict = {}  # "mm" / "addmm" -> whether its out_dtype= form works on CUDA
 
 
-def _mm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """a @ b with fp32 accumulation, rounded once to ``out_dtype``. 16-bit operands with an fp32
-    result use torch.mm(out_dtype=) on CUDA (torch >= 2.8), else a 16-bit product upcast (one
-    more rounding); CPU products run in fp32 (its 16-bit matmuls round their output)."""
+def _mm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, out=None) -> torch.Tensor:
+    """a @ b with fp32 accumulation, rounded once to ``out_dtype`` (into ``out`` when given).
+    16-bit operands with an fp32 result use torch.mm(out_dtype=) on CUDA (torch >= 2.8), else a
+    16-bit product upcast (one more rounding); CPU products run in fp32 (its 16-bit matmuls
+    round their output)."""
     if a.dtype == out_dtype:
-        return torch.mm(a, b)
+        return torch.mm(a, b, out=out)
     if a.device.type != "cuda":
-        return torch.mm(a.float(), b.float()).to(out_dtype)
-    if _MM_OUT_DTYPE.get(a.device.type, True):
+        r = torch.mm(a.float(), b.float())
+    elif _OUT_DTYPE_WORKS.get("mm", True):
         try:
-            out = torch.mm(a, b, out_dtype=out_dtype)
-            _MM_OUT_DTYPE[a.device.type] = True
-            return out
+            r = torch.mm(a, b, out_dtype=out_dtype)
+            _OUT_DTYPE_WORKS["mm"] = True
         except (TypeError, RuntimeError, NotImplementedError):
-            _MM_OUT_DTYPE[a.device.type] = False
-    return torch.mm(a, b).to(out_dtype)
+            _OUT_DTYPE_WORKS["mm"] = False
+            r = torch.mm(a, b)
+    else:
+        r = torch.mm(a, b)
+    return r.to(out_dtype) if out is None else out.copy_(r)
 
 
 def _addmm_f32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -697,13 +701,13 @@ def _addmm_f32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Ten
     add. Returns the new accumulator (maybe acc itself)."""
     if a.dtype == acc.dtype:
         return acc.addmm_(a, b)
-    if a.device.type == "cuda" and _MM_OUT_DTYPE.get("addmm", True):
+    if a.device.type == "cuda" and _OUT_DTYPE_WORKS.get("addmm", True):
         try:
             out = torch.addmm(acc, a, b, out_dtype=acc.dtype)
-            _MM_OUT_DTYPE["addmm"] = True
+            _OUT_DTYPE_WORKS["addmm"] = True
             return out
         except (TypeError, RuntimeError, NotImplementedError):
-            _MM_OUT_DTYPE["addmm"] = False
+            _OUT_DTYPE_WORKS["addmm"] = False
     return acc.add_(_mm(a, b, acc.dtype))
 
 
@@ -750,11 +754,12 @@ def _gemm_fwd(hidden, weight, targets, softcap, ignore_index):
     return _merge_stats(m, s, zt, targets, ignore_index, V)
 
 
-def _gemm_bwd(hidden, weight, targets, g, ce, lse, softcap, need_h, need_w, dtypes):
+def _gemm_bwd(hidden, weight, targets, g, tcoef, lse, softcap, need_h, need_w, dtypes):
     """The "gemm" backward: per vocabulary chunk, recompute the fp32 logits (cuBLAS), turn them
     into dl = g * (softmax - onehot) * softcap' in the operands' dtype (``_chunk_grad_kernel``),
     then d_hidden += dl @ W_c (fp32 accumulator) and d_weight[chunk] = dl^T @ h, complete in one
-    GEMM per chunk: no atomics, no (V, H) fp32 buffer."""
+    GEMM per chunk: no atomics, no (V, H) fp32 buffer. tcoef (N,): g * (p_y - 1), the target
+    column before the softcap factor."""
     N, H = hidden.shape
     V = weight.shape[0]
     device = hidden.device
@@ -764,7 +769,6 @@ def _gemm_bwd(hidden, weight, targets, g, ce, lse, softcap, need_h, need_w, dtyp
         if dw is not None:
             dw.zero_()
         return dh, dw
-    tcoef = (g * torch.expm1(-ce)).contiguous()  # the target column: g * (p_y - 1)
     C = gemm_chunk_cols(N, V)
     dl = torch.empty(N, C, device=device, dtype=hidden.dtype)
     br, bc, warps = _elementwise_config("grad", device, N)
@@ -781,7 +785,7 @@ def _gemm_bwd(hidden, weight, targets, g, ce, lse, softcap, need_h, need_w, dtyp
         if need_h:
             dh = _addmm_f32(dh, dlc, wc)
         if need_w:
-            dw[v0:v0 + c] = _mm(dlc.T, hidden, dtypes[1])
+            _mm(dlc.T, hidden, dtypes[1], out=dw[v0:v0 + c])
     return dh, dw
 
 
@@ -852,8 +856,11 @@ def ce_backward(hidden, weight, targets, ignore_index, g, ce, lse, zt, softcap, 
     (default: the inputs' own)."""
     dtypes = dtypes or (hidden.dtype, weight.dtype)
     H = H or hidden.shape[1]
-    if impl == "gemm":
-        dh, dw = _gemm_bwd(hidden, weight, targets, g, ce, lse, softcap, need_h, need_w, dtypes)
+    # the target column in fp32: g * (p_y - 1) * softcap'(z_y), with p_y - 1 = expm1(-CE)
+    # accurate however close p_y is to 1 (CE itself came from log1p); NaN on a bad target's row
+    coef = (g * torch.expm1(-ce)).contiguous()
+    if impl == "gemm":  # its elementwise kernel applies softcap' itself
+        dh, dw = _gemm_bwd(hidden, weight, targets, g, coef, lse, softcap, need_h, need_w, dtypes)
         if dh is not None:
             dh = dh[:, :H].to(dtypes[0]).contiguous()
         if dw is not None:
@@ -864,9 +871,6 @@ def ce_backward(hidden, weight, targets, ignore_index, g, ce, lse, zt, softcap, 
     device = hidden.device
     # the filter's per-row threshold: filter_eps x the row's off-target mass 1 - p_y = -expm1(-CE)
     thresholds = (-filter_eps * torch.expm1(-ce)).contiguous() if filter_eps > 0 else None
-    # the target column in fp32: g * (p_y - 1) * softcap'(z_y), with p_y - 1 = expm1(-CE)
-    # accurate however close p_y is to 1 (CE itself came from log1p); NaN on a bad target's row
-    coef = g * torch.expm1(-ce)
     if softcap is not None:
         coef = coef * (1.0 - (zt / softcap) ** 2)
     _, _, y = _target_rows(targets, ignore_index, V)
