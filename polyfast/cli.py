@@ -23,11 +23,17 @@ DEMO_SFT = {
 }
 
 
+def _overrides(args) -> list[str]:
+    return list(args.overrides) + (["train.overwrite=true"] if args.overwrite else [])
+
+
 def _cmd_sft(args) -> int:
     from .config import SFTConfig, load_config
+    from .train.rundir import check_unlocked
     from .train.sft import SFTTrainer
 
-    cfg = load_config(SFTConfig, args.config, args.overrides)
+    cfg = load_config(SFTConfig, args.config, _overrides(args))
+    check_unlocked(cfg.run_dir)  # refuse before loading data and model, not after
     trainer = SFTTrainer(cfg)
     result = trainer.fit()
     if trainer.dist.main:  # under torchrun, one summary
@@ -50,15 +56,18 @@ def _print_result(result: dict) -> None:
 def _cmd_demo(args) -> int:
     from .pipeline import run_demo
 
-    run_demo(args.out or "runs/demo", args.overrides, progress=not args.no_progress)
+    run_demo(args.out or "runs/demo", args.overrides, progress=not args.no_progress,
+             overwrite=args.overwrite)
     return 0
 
 
 def _cmd_hdpo(args) -> int:
     from .config import HDPOConfig, load_config
     from .train.hdpo import HDPOTrainer
+    from .train.rundir import check_unlocked
 
-    cfg = load_config(HDPOConfig, args.config, args.overrides)
+    cfg = load_config(HDPOConfig, args.config, _overrides(args))
+    check_unlocked(cfg.run_dir)
     trainer = HDPOTrainer(cfg)
     result = trainer.fit()
     if not trainer.dist.main:  # under torchrun, one summary
@@ -207,7 +216,7 @@ def _cmd_eval(args) -> int:
         from .eval.evaluate import mauve_available
         if mauve_available():
             from .eval.generate import load_for_generation
-            featurizer = load_for_generation(args.featurizer)
+            featurizer = load_for_generation(args.featurizer, key="--featurizer")
         else:
             print("C-MAUVE skipped: mauve-text is not installed (pip install polyfast[mauve])")
     else:
@@ -256,6 +265,10 @@ def _cmd_data_stats(args) -> int:
     return 0
 
 
+OVERWRITE_HELP = ("replace a run already in run_dir (its checkpoints, export and log); "
+                  "same as train.overwrite=true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="polyfast", description="Fast PolyAlign training.")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -264,16 +277,20 @@ def build_parser() -> argparse.ArgumentParser:
     sft = sub.add_parser("sft", help="Bucket-Aware SFT from a YAML config")
     sft.add_argument("config")
     sft.add_argument("overrides", nargs="*", help="key.path=value")
+    sft.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     sft.set_defaults(func=_cmd_sft)
 
     hdpo = sub.add_parser("hdpo", help="HDPO from a Bucket-SFT checkpoint and a pairs file")
     hdpo.add_argument("config")
     hdpo.add_argument("overrides", nargs="*", help="key.path=value")
+    hdpo.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     hdpo.set_defaults(func=_cmd_hdpo)
 
     demo = sub.add_parser("demo", help="the whole pipeline on the built-in demo data (CPU)")
     demo.add_argument("--out", default=None, help="output directory (default runs/demo)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    demo.add_argument("--overwrite", action="store_true",
+                      help="replace the runs of an earlier demo in the output directory")
     demo.add_argument("overrides", nargs="*", help="key.path=value for the SFT stage")
     demo.set_defaults(func=_cmd_demo)
 
@@ -363,6 +380,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except PolyfastError as e:
         print(f"polyfast: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a file the command was pointed at: say which, without a traceback
+        if e.filename is None:
+            raise
+        where = e.filename if e.filename2 is None else f"{e.filename} -> {e.filename2}"
+        print(f"polyfast: error: {where}: {e.strerror or e}", file=sys.stderr)
         return 2
 
 

@@ -1,22 +1,48 @@
 """Configs: YAML files mapped onto typed dataclasses.
 
 Unknown keys and values of the wrong type fail at load with the dotted key path
-(``ConfigError: config key 'train.lr': expected a number, got 'fast'``). Command-line overrides are
+(``ConfigError: config key 'train.lr': expected a number, got 'fast'``), as do numbers outside a
+key's range (each dataclass's ``LIMITS``) and non-finite floats. Command-line overrides are
 ``key.path=value`` with the value parsed as YAML.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 
 from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric key accepts: ``lo`` / ``hi`` bounds (None: unbounded), each inclusive
+    unless ``*_open``."""
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def __contains__(self, x) -> bool:
+        return ((self.lo is None or (x > self.lo if self.lo_open else x >= self.lo))
+                and (self.hi is None or (x < self.hi if self.hi_open else x <= self.hi)))
+
+    def __str__(self) -> str:
+        if self.hi is None:
+            return f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        return (f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}"
+                f"{')' if self.hi_open else ']'}")
+
+
+POSITIVE, NON_NEGATIVE, AT_LEAST_1 = Range(0, lo_open=True), Range(0), Range(1)
+FRACTION = Range(0, 1)
 
 
 @dataclass
@@ -31,6 +57,10 @@ class TinyModelConfig:
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = True
     vocab_size: int | None = None        # default: the tokenizer's (larger: a real model's shape)
+
+    LIMITS: ClassVar[dict] = {k: AT_LEAST_1 for k in (
+        "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
+        "max_position_embeddings", "vocab_size")}
 
 
 @dataclass
@@ -64,6 +94,9 @@ class DataConfig:
     weight_power: float = 1.0
     weight_clip: float | None = None
 
+    LIMITS: ClassVar[dict] = {"max_tokens": Range(2), "batch_size": AT_LEAST_1,
+                              "weight_power": NON_NEGATIVE, "weight_clip": POSITIVE}
+
 
 @dataclass
 class TrainConfig:
@@ -87,7 +120,19 @@ class TrainConfig:
     keep_checkpoints: int = 2
     checkpoint_hf: bool = True           # each checkpoint also holds hf/, a save_pretrained export
     resume: bool = False                 # continue from run_dir's latest checkpoint
+    overwrite: bool = False              # replace a run already in run_dir (--overwrite)
+    # a step whose loss or gradient norm is not finite: stop the run (no export), or skip its
+    # update (its packs and its learning-rate step are spent) and stop after max_skipped_steps
+    nonfinite: Literal["stop", "skip"] = "stop"
+    max_skipped_steps: int = 10
     progress: bool = True
+
+    LIMITS: ClassVar[dict] = {
+        "epochs": POSITIVE, "max_steps": AT_LEAST_1, "grad_accum": AT_LEAST_1, "lr": NON_NEGATIVE,
+        "min_lr_ratio": FRACTION, "warmup_ratio": FRACTION, "weight_decay": NON_NEGATIVE,
+        "betas": Range(0, 1, hi_open=True), "grad_clip": POSITIVE, "num_threads": AT_LEAST_1,
+        "log_every": AT_LEAST_1, "eval_every": NON_NEGATIVE, "save_every": NON_NEGATIVE,
+        "keep_checkpoints": NON_NEGATIVE, "max_skipped_steps": NON_NEGATIVE}
 
 
 @dataclass
@@ -97,6 +142,8 @@ class SFTConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    LIMITS: ClassVar[dict] = {"seed": NON_NEGATIVE}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,11 +198,13 @@ def _convert(value: Any, tp, key: str):
     if tp is float:
         if isinstance(value, str):  # YAML reads 1e-3 as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(key, f"expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(key, f"expected a finite number, got {value}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -174,6 +223,11 @@ def _build(cls, data: dict, prefix: str = ""):
             key = f"{prefix}.{k}" if prefix else str(k)
             raise ConfigError(key, f"unknown key (known: {', '.join(sorted(names))})")
     kwargs = {k: _convert(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    for k, limit in getattr(cls, "LIMITS", {}).items():
+        values = kwargs.get(k)
+        for v in values if isinstance(values, tuple) else (values,):
+            if v is not None and v not in limit:
+                raise ConfigError(f"{prefix}.{k}" if prefix else k, f"must be {limit}, got {v!r}")
     return cls(**kwargs)
 
 
@@ -193,7 +247,13 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
         if "=" not in item:
             raise ConfigError(item, "overrides are key.path=value")
         key, raw = item.split("=", 1)
-        out.append((key.strip(), yaml.safe_load(raw) if raw.strip() else None))
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(key.strip(), f"the value {raw!r} is not valid YAML ({problem}); quote "
+                              "a string, write a list as [a, b]") from None
+        out.append((key.strip(), value))
     return out
 
 
@@ -206,13 +266,21 @@ def load_config(cls, path: str | os.PathLike | None = None, overrides: list[str]
             _set_path(tree, k, v)
     if path is not None:
         path = os.fspath(path)
-        if not os.path.exists(path):
-            raise ConfigError("<file>", f"config file not found: {path}")
-        with open(path, encoding="utf-8") as f:
-            try:
-                loaded = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:
-                raise ConfigError("<file>", f"{path} is not valid YAML: {e}") from e
+        if not os.path.isfile(path):
+            raise ConfigError("<file>", f"config file not found: {path}" if not os.path.exists(path)
+                              else f"{path} is not a file")
+        with open(path, "rb") as f:
+            raw = f.read()
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            line = raw[: e.start].count(b"\n") + 1
+            raise ConfigError("<file>", f"{path} is not UTF-8 text (line {line}, byte {e.start}: "
+                              f"{e.reason})") from None
+        try:
+            loaded = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError("<file>", f"{path} is not valid YAML: {e}") from e
         if not isinstance(loaded, dict):
             raise ConfigError("<file>", f"{path} must hold a mapping at top level")
         tree = _merge(tree, loaded)
@@ -253,6 +321,8 @@ class PairDataConfig:
     max_tokens: int = 2048               # pack capacity; a pair's two sides share a pack
     overlong: Literal["truncate_left", "drop"] = "truncate_left"
 
+    LIMITS: ClassVar[dict] = {"max_tokens": Range(4)}
+
 
 @dataclass
 class HDPOLossConfig:
@@ -272,6 +342,10 @@ class HDPOLossConfig:
     frozen: Literal["replicate", "shard"] = "replicate"
     loss_backend: Literal["auto", "separate", "triton", "torch", "reference"] = "auto"
 
+    LIMITS: ClassVar[dict] = {"beta": POSITIVE, "reg_lambda": NON_NEGATIVE, "ftx": NON_NEGATIVE,
+                              "label_smoothing": Range(0, 0.5, hi_open=True),
+                              "min_bucket_size": AT_LEAST_1}
+
 
 def _hdpo_train_defaults() -> TrainConfig:
     return TrainConfig(lr=5e-7, warmup_ratio=0.1, min_lr_ratio=0.0, epochs=1.0)
@@ -285,3 +359,5 @@ class HDPOConfig:
     data: PairDataConfig = field(default_factory=PairDataConfig)
     hdpo: HDPOLossConfig = field(default_factory=HDPOLossConfig)
     train: TrainConfig = field(default_factory=_hdpo_train_defaults)
+
+    LIMITS: ClassVar[dict] = {"seed": NON_NEGATIVE}

@@ -1,4 +1,5 @@
-"""Errors a user can act on: each names the file and row, or the config key, at fault."""
+"""Errors a user can act on: each names the file and row, the config key or the run directory at
+fault."""
 
 from __future__ import annotations
 
@@ -24,3 +25,16 @@ class ConfigError(PolyfastError, ValueError):
     def __init__(self, key: str, message: str):
         self.key, self.message = key, message
         super().__init__(f"config key '{key}': {message}")
+
+
+class RunError(PolyfastError):
+    """A run directory or checkpoint that cannot be used as asked (in use, holding another run,
+    unloadable, disk full). ``str(err)`` names the path."""
+
+
+class NonFiniteError(RunError):
+    """Training met a non-finite loss or gradient norm (or parameters) and stopped."""
+
+    def __init__(self, message: str, step: int | None = None):
+        self.step = step
+        super().__init__(message)

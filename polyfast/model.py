@@ -72,6 +72,28 @@ def tiny_config(tiny: TinyModelConfig, tokenizer):
                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
 
 
+def check_model_dir(path: str, key: str) -> None:
+    """A local Hugging Face model directory with a config and whole safetensors weights: anything
+    else is a ConfigError naming ``key`` and the file at fault (before transformers reads it)."""
+    from safetensors import safe_open
+
+    if not os.path.isdir(path):
+        raise ConfigError(key, f"not a local model directory: {path}")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ConfigError(key, f"{path} has no config.json: not a Hugging Face model directory")
+    weights = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not weights:
+        raise ConfigError(key, f"{path} has no .safetensors weights (polyfast loads only "
+                          "safetensors: pickled .bin weights can run code)")
+    for name in weights:
+        try:  # reads the header, which must cover the whole file: truncation shows here
+            with safe_open(os.path.join(path, name), "pt") as f:
+                f.keys()
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error type
+            raise ConfigError(key, f"{os.path.join(path, name)} is not a readable safetensors "
+                              f"file ({e})") from None
+
+
 def load_model(cfg: ModelConfig, tokenizer, *, packed: bool = True, seed: int = 0,
                device: torch.device | None = None):
     """The causal LM: from ``cfg.path`` (safetensors only) or randomly initialised from ``cfg.tiny``,
@@ -86,11 +108,14 @@ def load_model(cfg: ModelConfig, tokenizer, *, packed: bool = True, seed: int = 
     attn = attention.ATTN_IMPLEMENTATION if packed else "sdpa"
     dtype = param_dtype(cfg)
     if cfg.path:
-        if not os.path.isdir(cfg.path):
-            raise ConfigError("model.path", f"not a local model directory: {cfg.path}")
-        model = AutoModelForCausalLM.from_pretrained(
-            cfg.path, dtype=dtype, attn_implementation=attn, use_safetensors=True,
-            trust_remote_code=cfg.trust_remote_code)
+        check_model_dir(cfg.path, "model.path")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                cfg.path, dtype=dtype, attn_implementation=attn, use_safetensors=True,
+                trust_remote_code=cfg.trust_remote_code)
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            raise ConfigError("model.path", f"transformers cannot load the model in {cfg.path}: "
+                              f"{str(e).strip().splitlines()[0] if str(e).strip() else e!r}") from e
     else:
         torch.manual_seed(seed)
         # initialised where it will run: a GPU draws a 1.5B-parameter init in a second, a CPU not

@@ -35,8 +35,10 @@ def stratified(records, per_bucket: int):
 
 
 def run_demo(out: str, sft_overrides: list[str] = (), progress: bool = True, *,
-             per_bucket: int = 12, max_new_tokens: int = 384, hdpo_overrides: list[str] = ()) -> dict:
-    """Run the pipeline into ``out``; the keyword knobs shrink it (tests use them)."""
+             per_bucket: int = 12, max_new_tokens: int = 384, hdpo_overrides: list[str] = (),
+             overwrite: bool = False) -> dict:
+    """Run the pipeline into ``out``; the keyword knobs shrink it (tests use them). A directory
+    holding an earlier demo's runs is refused unless ``overwrite``."""
     from .cli import DEMO_SFT, _flatten
     from .config import HDPOConfig, SFTConfig, load_config
     from .train.hdpo import HDPOTrainer
@@ -49,7 +51,7 @@ def run_demo(out: str, sft_overrides: list[str] = (), progress: bool = True, *,
     # 1. Bucket-Aware SFT
     cfg = load_config(SFTConfig, None, list(sft_overrides),
                       extra={**_flatten(DEMO_SFT), "run_dir": os.path.join(out, "sft"),
-                             "train.progress": progress})
+                             "train.progress": progress, "train.overwrite": overwrite})
     say(f"1/7 Bucket-Aware SFT of a tiny {cfg.model.tiny.arch} model -> {cfg.run_dir}")
     sft = SFTTrainer(cfg)
     sft_result = sft.fit()
@@ -84,7 +86,8 @@ def run_demo(out: str, sft_overrides: list[str] = (), progress: bool = True, *,
     hcfg = load_config(HDPOConfig, None, list(hdpo_overrides), extra={**DEMO_HDPO, "model.path": sft_dir,
                                                     "data.pairs": os.path.join(out, "pairs.jsonl"),
                                                     "run_dir": os.path.join(out, "hdpo"),
-                                                    "train.progress": progress})
+                                                    "train.progress": progress,
+                                                    "train.overwrite": overwrite})
     held_out = pairs[::7]  # reward accuracy and margin are measured on pairs HDPO never saw
     fit_pairs = [p for i, p in enumerate(pairs) if i % 7]
     say(f"4/7 HDPO on {len(fit_pairs)} pairs ({len(held_out)} held out) -> {hcfg.run_dir}")

@@ -137,3 +137,24 @@ def test_model_dtype_auto_on_cuda_runs_the_joint_pass_in_bf16(sft_checkpoint, tm
     assert torch.is_autocast_enabled("cpu") is False  # the contexts closed behind the step
     grads = [p.grad for p in tr.model.parameters() if p.grad is not None]
     assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+
+
+def test_pairs_that_teach_no_preference_are_dropped_and_counted(sft_checkpoint, tmp_path, caplog):
+    import dataclasses
+    import logging
+    from polyfast.errors import ConfigError
+    good = _pairs(6)
+    equal = dataclasses.replace(good[0], rejected=good[0].chosen + "  ")  # equal once stripped
+    empty = dataclasses.replace(good[1], rejected=" \n")
+    cfg = load_config(HDPOConfig, None, [], extra={
+        "model.path": sft_checkpoint, "run_dir": str(tmp_path / "hdpo"), "hdpo.distance": "none",
+        "train.max_steps": 1, "train.progress": False, "data.max_tokens": 4096})
+    with caplog.at_level(logging.WARNING, logger="polyfast"):
+        tr = HDPOTrainer(cfg, pairs=[equal, *good[2:], empty], val_pairs=[equal, good[1]])
+    assert [p.id for p in tr.pairs] == [p.id for p in good[2:]]
+    assert [p.id for p in tr.val_pairs] == [good[1].id]
+    assert tr.counts["dropped_equal"] == 1 and tr.counts["dropped_empty_rejected"] == 1
+    assert tr.start_row()["counts"]["dropped_equal"] == 1  # in metrics.jsonl's data row
+    assert "train pairs dropped: dropped_empty_rejected 1, dropped_equal 1" in caplog.text
+    with pytest.raises(ConfigError, match="no usable pair .*dropped_equal 1"):
+        HDPOTrainer(cfg, pairs=[equal])

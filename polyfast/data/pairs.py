@@ -18,7 +18,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
-from .records import Record, _history, _meta_fields, _str, _weight, make_record, read_rows
+from .records import Record, _history, _meta_fields, _number, _str, _weight, make_record, read_rows
 
 PAIR_BIAS = {"global": 0.0, "distribution": 1.0, "local": 0.5}
 
@@ -68,11 +68,11 @@ def _parse_pair(row: Any, default_id: str, legacy_tokens: bool) -> PreferencePai
     if authors:
         question, context = _str(row, "instruction"), _str(row, "input")
         weight = _weight(row, "hdpo_weight")
-        dc, dr = _weight(row, "chosen_dist_score"), _weight(row, "rejected_dist_score")
+        dc, dr = _number(row, "chosen_dist_score"), _number(row, "rejected_dist_score")
     else:
         question, context = _str(row, "question"), _str(row, "context")
         weight = _weight(row, "weight")
-        dc, dr = _weight(row, "chosen_dist"), _weight(row, "rejected_dist")
+        dc, dr = _number(row, "chosen_dist"), _number(row, "rejected_dist")
     pair_type = row.get("pair_type", "distribution")
     if pair_type not in PAIR_BIAS:
         raise ValueError(f"pair_type {pair_type!r} is not one of {', '.join(PAIR_BIAS)}")
@@ -113,18 +113,37 @@ def make_pairs(records: Sequence[Record], predictions: dict[str, str],
     pairs, counts = [], Counter()
     for rec in records:
         pred = predictions.get(rec.id)
-        if pred is None:
-            counts["dropped_no_prediction"] += 1
-        elif not rec.response.strip():
-            counts["dropped_empty_chosen"] += 1
-        elif not pred.strip():
-            counts["dropped_empty_rejected"] += 1
-        elif pred.strip() == rec.response.strip():
-            counts["dropped_equal"] += 1
+        problem = "no_prediction" if pred is None else pair_problem(rec.response, pred)
+        if problem:
+            counts[f"dropped_{problem}"] += 1
         else:
             pairs.append(PreferencePair(rec, pred, pair_type=pair_type))
     counts["kept"] = len(pairs)
     return pairs, counts
+
+
+def pair_problem(chosen: str, rejected: str) -> str | None:
+    """Why a pair teaches no preference ("empty_chosen", "empty_rejected", "equal": the sides
+    compared after stripping whitespace), or None."""
+    if not chosen.strip():
+        return "empty_chosen"
+    if not rejected.strip():
+        return "empty_rejected"
+    if chosen.strip() == rejected.strip():
+        return "equal"
+    return None
+
+
+def usable_pairs(pairs: Sequence[PreferencePair]) -> tuple[list[PreferencePair], Counter]:
+    """The pairs that teach a preference, and the counts of those dropped by ``pair_problem``."""
+    kept, counts = [], Counter()
+    for p in pairs:
+        problem = pair_problem(p.chosen, p.rejected)
+        if problem:
+            counts[f"dropped_{problem}"] += 1
+        else:
+            kept.append(p)
+    return kept, counts
 
 
 def _gap_table(keys: list[str]) -> dict[str, float]:

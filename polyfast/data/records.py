@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import re
 from collections import Counter
@@ -150,13 +151,24 @@ def _response(text: str, key: str) -> str:
     return text
 
 
-def _weight(row: dict, key: str) -> float | None:
+def _number(row: dict, key: str) -> float | None:
+    """A finite number (JSON's NaN and Infinity are refused), or None when absent."""
     value = row.get(key)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"'{key}' must be a number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"'{key}' must be a finite number, got {value}")
     return float(value)
+
+
+def _weight(row: dict, key: str) -> float | None:
+    """A finite, non-negative weight, or None when absent."""
+    value = _number(row, key)
+    if value is not None and value < 0:
+        raise ValueError(f"'{key}' must be >= 0, got {value}")
+    return value
 
 
 def _meta_fields(row: dict) -> dict[str, Any]:
@@ -294,6 +306,8 @@ def read_rows(path: str | os.PathLike, parse, *, skip_bad_rows: bool = False, ki
     path = os.fspath(path)
     if not os.path.exists(path):
         raise DataError("no such file", path)
+    if os.path.isdir(path):
+        raise DataError("is a directory; expected a .jsonl or .json file", path)
     stem = os.path.splitext(os.path.basename(path))[0]
     report = LoadReport(path)
     items, seen = [], {}

@@ -57,6 +57,9 @@ def byte_tokenizer():
     return fast
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
 def load_tokenizer(path: str | None):
     """A local HF tokenizer directory, or None / "byte" for the built-in byte-level tokenizer."""
     if path in (None, "", "byte"):
@@ -65,7 +68,12 @@ def load_tokenizer(path: str | None):
 
     if not os.path.isdir(path):
         raise DataError("tokenizer directory not found", path)
-    tok = AutoTokenizer.from_pretrained(path)
+    if not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        raise DataError("no tokenizer here (none of " + ", ".join(TOKENIZER_FILES) + ")", path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"transformers cannot load this tokenizer ({e})", path) from e
     if not tok.chat_template:
         raise DataError("tokenizer has no chat template", path)
     if tok.pad_token is None:

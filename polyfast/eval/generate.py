@@ -30,18 +30,23 @@ class GenerationConfig:
     seed: int = 0
 
 
-def load_for_generation(path: str, device: str | torch.device = "cpu"):
-    """An exported run (``RUN/final`` or ``RUN``) and its tokenizer, with SDPA attention."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_for_generation(path: str, device: str | torch.device = "cpu", key: str = "--model"):
+    """An exported run (``RUN/final`` or ``RUN``) and its tokenizer, with SDPA attention; a
+    directory that holds none is a ConfigError naming ``key`` and the path."""
+    from transformers import AutoModelForCausalLM
+
+    from ..data.tokenize import load_tokenizer
+    from ..model import check_model_dir
 
     if os.path.isdir(os.path.join(path, "final")):
         path = os.path.join(path, "final")
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise ConfigError("model", f"no exported model at {path} (expected config.json)")
-    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa",
-                                                 use_safetensors=True).to(device).eval()
-    tok = AutoTokenizer.from_pretrained(path)
-    return model, tok
+    check_model_dir(path, key)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa",
+                                                     use_safetensors=True).to(device).eval()
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise ConfigError(key, f"transformers cannot load the model in {path}: {e}") from e
+    return model, load_tokenizer(path)
 
 
 @torch.no_grad()
@@ -93,17 +98,28 @@ def save_predictions(rows: Sequence[dict], path: str) -> None:
 
 
 def load_predictions(path: str) -> dict[str, str]:
-    """id -> prediction from a predictions JSONL file."""
+    """id -> prediction from a predictions JSONL file; a row that is not {"id", "prediction": str}
+    or repeats an id is a DataError naming the row."""
     from ..errors import DataError
 
-    preds = {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
+    if not os.path.isfile(path):
+        raise DataError("is a directory, not a predictions file" if os.path.isdir(path)
+                        else "no such file", path)
+    preds, rows = {}, {}
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            if not raw.strip():
                 continue
             try:
-                row = json.loads(line)
-                preds[str(row["id"])] = row["prediction"]
+                row = json.loads(raw.decode("utf-8"))
+                key, pred = str(row["id"]), row["prediction"]
+            except UnicodeDecodeError as e:
+                raise DataError(f"not valid UTF-8 ({e.reason})", path, n) from None
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise DataError(f"not a prediction row ({e})", path, n) from None
+            if not isinstance(pred, str):
+                raise DataError(f"'prediction' must be a string, got {type(pred).__name__}", path, n)
+            if key in rows:
+                raise DataError(f"duplicate id {key!r} (first at row {rows[key]})", path, n)
+            preds[key], rows[key] = pred, n
     return preds

@@ -1,11 +1,21 @@
 """What every polyfast trainer shares: device, optimizer and schedule, a data order that is a pure
 function of (seed, epoch) (so resuming needs only the step), the step loop with logging, periodic
 evaluation and atomic checkpoints, and the final Hugging Face export. Subclasses say what a pack is
-(``make_packs``), what a step computes (``forward_backward``) and how to evaluate."""
+(``make_packs``), what a step computes (``forward_backward``) and how to evaluate.
+
+``fit`` holds the run directory's lock for the whole run, refuses a directory that holds another run
+(``rundir``), resumes only a checkpoint of the same run identity (falling back past unreadable
+ones), and keeps non-finite steps out of the weights (``guard``): it stops (or, with
+``train.nonfinite: skip``, skips up to ``train.max_skipped_steps`` steps) and never exports or
+checkpoints non-finite parameters.
+"""
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
+import logging
 import math
 import os
 import random
@@ -16,13 +26,17 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import save_config
-from ..errors import ConfigError
+from ..errors import ConfigError, NonFiniteError, RunError
 from ..model import TrunkHead, autocast_context, resolve_device, set_tf32
-from .checkpoint import (export_pretrained, list_checkpoints, load_checkpoint, save_checkpoint,
-                         trainer_state)
-from .distributed import all_reduce_sum, full_state_dict, init_distributed, shard_model
+from . import rundir
+from .checkpoint import (CheckpointUnreadable, export_pretrained, list_checkpoints,
+                         load_checkpoint, save_checkpoint, trainer_state)
+from .distributed import agree, all_reduce_sum, full_state_dict, init_distributed, shard_model
+from .guard import BadStep, NonFiniteGuard, first_nonfinite
 from .metrics import MetricsLog
 from .optim import build_optimizer, cosine_with_warmup
+
+log = logging.getLogger("polyfast")
 
 
 class Trainer:
@@ -51,6 +65,9 @@ class Trainer:
         self.step = 0
         # a factory of fresh autocast contexts (bf16 for model.dtype auto on CUDA)
         self.autocast = functools.partial(autocast_context, cfg.model, self.device)
+        self.guard = NonFiniteGuard(self.optimizer, self.device, deferred=not self.dist.enabled)
+        self.skipped: list[BadStep] = []
+        self.resumed_from: str | None = None
 
     def setup_device(self, train_cfg) -> torch.device:
         """Threads, device and (under torchrun) the process group; sets ``self.dist``."""
@@ -94,7 +111,8 @@ class Trainer:
 
     # -- one optimizer step -----------------------------------------------------------------
     def train_step(self, packs: list) -> dict:
-        """forward_backward of this rank's share, gradient clipping, update, schedule."""
+        """forward_backward of this rank's share, gradient clipping, update (unless the loss or
+        gradient norm is non-finite: ``out["bad"]`` lists the bad steps known by now), schedule."""
         out = self.forward_backward(packs[self.dist.rank::self.dist.world], packs)
         out["tokens"] = sum(len(x) for p in packs for x in p)  # all ranks' tokens, on the host
         if self.dist.enabled:  # the step's loss over all ranks (a collective, not a host sync)
@@ -102,50 +120,169 @@ class Trainer:
         clip = self.cfg.train.grad_clip
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip else float("inf"))
         out["grad_norm"] = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        self.optimizer.step()
+        out["bad"] = self.guard.step(self.step + 1, out["loss"], out["grad_norm"])
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return out
 
+    def _handle_bad(self, bad: list[BadStep], metrics: MetricsLog) -> None:
+        """Log the non-finite steps found; stop when the config says so."""
+        t = self.cfg.train
+        for b in bad:
+            self.skipped.append(b)
+            metrics.write({"event": "nonfinite", "step": b.step, "loss": b.loss,
+                           "grad_norm": b.grad_norm, "update": "skipped"})
+            if t.nonfinite == "skip":
+                log.warning("step %d: loss %s, gradient norm %s: its update was skipped "
+                            "(%d of at most train.max_skipped_steps=%d)", b.step, b.loss,
+                            b.grad_norm, len(self.skipped), t.max_skipped_steps)
+        if not bad:
+            return
+        ckpts = list_checkpoints(self.cfg.run_dir)
+        after = ("no export was written" + (f"; the last checkpoint is {ckpts[-1]}" if ckpts else "")
+                 + ". Lower train.lr or check the data")
+        b = bad[0]
+        if t.nonfinite == "stop":
+            raise NonFiniteError(
+                f"step {b.step}: the loss is {b.loss} and the gradient norm {b.grad_norm}: its "
+                f"update was skipped and training stopped after step {self.step} "
+                f"(train.nonfinite=stop); {after}; train.nonfinite=skip skips such steps "
+                "(at most train.max_skipped_steps)", b.step)
+        if len(self.skipped) > t.max_skipped_steps:
+            steps = ", ".join(str(x.step) for x in self.skipped[:10])
+            raise NonFiniteError(
+                f"{len(self.skipped)} steps had a non-finite loss or gradient norm (steps {steps}"
+                f"{', ...' if len(self.skipped) > 10 else ''}), more than "
+                f"train.max_skipped_steps={t.max_skipped_steps}: training stopped after step "
+                f"{self.step}; {after}", b.step)
+
+    def _check_parameters(self, what: str) -> None:
+        """Refuse to write ``what`` from parameters holding NaN or infinity (a collective)."""
+        name = first_nonfinite(self.model.named_parameters())
+        if self.dist.enabled:
+            bad = all_reduce_sum(torch.tensor(float(name is not None), device=self.device), self.dist)
+            name = name or ("a parameter on another rank" if bad.item() else None)
+        if name is not None:
+            raise NonFiniteError(f"after step {self.step} the parameter {name} holds non-finite "
+                                 f"values: {what} was not written. Lower train.lr or check the data",
+                                 self.step)
+
     # -- checkpoints --------------------------------------------------------------------------
+    def identity(self) -> dict:
+        """The run identity stored with every checkpoint (see ``rundir``)."""
+        config = rundir.identity(self.cfg)
+        digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+        return {"run_id": digest, "config": config}
+
     def save(self) -> str:
+        self._check_parameters(f"checkpoint step {self.step}")
+        hf = self.cfg.train.checkpoint_hf
         return save_checkpoint(self.cfg.run_dir, self.step, self.runner, self.optimizer,
                                self.scheduler, {"total_steps": self.total_steps,
-                                                "grad_accum": self.cfg.train.grad_accum},
+                                                "grad_accum": self.cfg.train.grad_accum,
+                                                **self.identity()},
                                keep=self.cfg.train.keep_checkpoints,
-                               also=(lambda tmp: self.export(os.path.join(tmp, "hf")))
-                               if self.cfg.train.checkpoint_hf else None)
+                               also=(lambda tmp: self.export(os.path.join(tmp, "hf"))) if hf else None,
+                               also_bytes=sum(p.numel() * p.element_size()
+                                              for p in self.model.parameters()) if hf else 0)
 
-    def resume(self) -> bool:
-        ckpts = list_checkpoints(self.cfg.run_dir)
-        if not ckpts:
-            return False
-        state = trainer_state(ckpts[-1])
+    def _check_state(self, path: str, state: dict) -> None:
+        """Refuse a checkpoint of another run, or one whose steps hold other packs."""
+        saved = state.get("config")
+        if saved is None:
+            log.warning("%s has no run identity (an older polyfast wrote it); resuming it as "
+                        "this run", path)
+        else:
+            diff = rundir.identity_diff(saved, self.identity()["config"])
+            if diff:
+                raise RunError(f"{path} belongs to a different run: " + "; ".join(diff[:8])
+                               + (f"; and {len(diff) - 8} more" if len(diff) > 8 else "")
+                               + ". Resume with that run's config, or start a new run "
+                               "(--overwrite, or another run_dir)")
         if state.get("total_steps") != self.total_steps:
             packs = state.get("world_size", 1) * state.get("grad_accum", self.cfg.train.grad_accum)
-            raise ConfigError("train", f"checkpoint {ckpts[-1]} was made for "
+            raise ConfigError("train", f"checkpoint {path} was made for "
                               f"{state.get('total_steps')} steps, this config makes {self.total_steps}; "
                               f"a step there held {packs} packs (processes x train.grad_accum), "
                               f"here {self.dist.world * self.cfg.train.grad_accum}")
-        load_checkpoint(ckpts[-1], self.runner, self.optimizer, self.scheduler)
-        self.step = state["step"]
-        return True
+
+    def resume(self) -> bool:
+        """Load the latest loadable checkpoint of this run: one that is unreadable (truncated,
+        corrupt, or with content polyfast will not unpickle) is skipped with a warning for the one
+        before it; one of a different run is refused."""
+        ckpts = list_checkpoints(self.cfg.run_dir)
+        failures = []
+        for path in reversed(ckpts):
+            try:
+                self._check_state(path, trainer_state(path))
+                state = load_checkpoint(path, self.runner, self.optimizer, self.scheduler)
+            except CheckpointUnreadable as e:
+                failures.append(f"{os.path.basename(path)}: {e}")
+                log.warning("checkpoint %s cannot be loaded (%s); trying the one before it", path, e)
+                continue
+            self.step = state["step"]
+            self.resumed_from = path
+            return True
+        if failures:
+            raise RunError(f"no loadable checkpoint in {os.path.join(self.cfg.run_dir, 'checkpoints')}: "
+                           + "; ".join(failures))
+        return False
 
     # -- the run ------------------------------------------------------------------------------
     def fit(self) -> dict:
+        """Train to ``total_steps`` in ``run_dir`` (holding its lock), evaluate, export."""
+        lock, problem = None, None
+        if self.dist.main:
+            try:
+                lock = rundir.RunLock(self.cfg.run_dir).acquire()
+            except RunError as e:
+                problem = str(e)
+        problem = agree(problem, self.dist)
+        if problem:
+            raise RunError(problem)
+        try:
+            return self._fit()
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _open_run_dir(self) -> None:
+        """Check (and with train.overwrite clear) the run directory, remove what a killed run left
+        half-written, resume if asked; every rank learns of a refusal."""
+        cfg, t = self.cfg, self.cfg.train
+        if t.resume and t.overwrite:
+            raise ConfigError("train.overwrite", "cannot be combined with train.resume (resume "
+                              "continues the run in run_dir, overwrite replaces it)")
+        problem = None
+        if self.dist.main:
+            if t.overwrite:
+                rundir.clear(cfg.run_dir)
+            problem = rundir.refusal(cfg.run_dir, t.resume)
+            for p in [] if problem else rundir.remove_partial(cfg.run_dir):
+                log.warning("removed %s, left half-written by an earlier run", p)
+        problem = agree(problem, self.dist)
+        if problem:
+            raise RunError(problem)
+        if self.dist.main:
+            save_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
+        if t.resume and not self.resume():
+            log.warning("train.resume: no checkpoint in %s; starting from step 0",
+                        os.path.join(cfg.run_dir, "checkpoints"))
+
+    def _fit(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
         main = self.dist.main
-        os.makedirs(cfg.run_dir, exist_ok=True)
-        if main:
-            save_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
-        resumed = t.resume and self.resume()
+        self._open_run_dir()
+        resumed = self.resumed_from is not None
         if not resumed:
             random.seed(cfg.seed)
             np.random.seed(cfg.seed)
             torch.manual_seed(cfg.seed)
-        metrics = MetricsLog(cfg.run_dir, resume=resumed, enabled=main)
-        if not resumed:
+        metrics = MetricsLog(cfg.run_dir, resume_step=self.step if resumed else None, enabled=main)
+        if resumed:
+            metrics.write({"event": "resume", "step": self.step, "checkpoint": self.resumed_from})
+        else:
             metrics.write({"event": "data", **self.start_row()})
         eval_before = self.evaluate() if not resumed else {}
         if eval_before:
@@ -158,7 +295,9 @@ class Trainer:
         while self.step < self.total_steps:
             out = self.train_step(self.step_packs(self.step))
             tokens += out["tokens"]
+            self._handle_bad(out["bad"], metrics)
             if self.step % t.log_every == 0 or self.step == self.total_steps:
+                self._handle_bad(self.guard.poll(wait=True), metrics)
                 last = {"event": "train", "step": self.step, "loss": out["loss"].item(),
                         "grad_norm": float(out["grad_norm"]), "lr": self.scheduler.get_last_lr()[0],
                         "tokens_per_s": tokens / (time.perf_counter() - t0), **self.train_row(out)}
@@ -167,17 +306,21 @@ class Trainer:
             if t.eval_every and self.step % t.eval_every == 0 and self.step < self.total_steps:
                 metrics.write({"event": "eval", "step": self.step, **self.evaluate()})
             if t.save_every and self.step % t.save_every == 0 and self.step < self.total_steps:
+                self._handle_bad(self.guard.poll(wait=True), metrics)
                 self.save()
             bar.update(1)
         bar.close()
+        self._handle_bad(self.guard.poll(wait=True), metrics)
         train_time = time.perf_counter() - t0
         eval_after = self.evaluate()
         if eval_after:
             metrics.write({"event": "eval", "step": self.step, **eval_after})
+        self._check_parameters("the final export")
         export = self.export(os.path.join(cfg.run_dir, "final"))
         summary = {"event": "summary", "steps": self.step, "train_seconds": train_time,
                    "tokens": tokens, "tokens_per_s": tokens / max(train_time, 1e-9),
-                   "final_loss": last.get("loss"), "export": export, **self.summary_extra()}
+                   "final_loss": last.get("loss"), "skipped_steps": [b.step for b in self.skipped],
+                   "export": export, **self.summary_extra()}
         metrics.write(summary)
         return {"summary": summary, "eval_before": eval_before, "eval_after": eval_after}
 

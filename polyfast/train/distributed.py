@@ -77,3 +77,12 @@ def full_state_dict(model, info: DistInfo) -> dict | None:
 
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return sd if info.main else None
+
+
+def agree(value, info: DistInfo | None = None):
+    """Rank 0's ``value`` on every rank (a collective under torchrun; itself in one process)."""
+    if not (dist.is_available() and dist.is_initialized()) or (info is not None and not info.enabled):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

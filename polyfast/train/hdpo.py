@@ -17,12 +17,13 @@ from collections import Counter
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from ..config import HDPOConfig
 from ..critic import FEATURE_NAMES, References, feature_matrix
 from ..data import load_pairs, load_tokenizer
 from ..data.packing import PairExample, collate_pairs, pack_pairs, to_device
-from ..data.pairs import PreferencePair
+from ..data.pairs import PreferencePair, usable_pairs
 from ..data.tokenize import encode_record, fit_length
 from ..errors import ConfigError
 from ..kernels import joint_logprobs
@@ -79,9 +80,20 @@ class HDPOTrainer(Trainer):
         if val_pairs is None and d.val_pairs:
             val_pairs = load_pairs(d.val_pairs, skip_bad_rows=d.skip_bad_rows,
                                    legacy_tokens=d.legacy_tokens)
-        self.pairs, self.val_pairs = pairs, val_pairs or []
+        # a pair with an empty side or equal sides teaches no preference: dropped and counted
+        pairs, dropped = usable_pairs(pairs)
+        val_pairs, val_dropped = usable_pairs(val_pairs or [])
+        for split, counts in (("train", dropped), ("val", val_dropped)):
+            if counts:
+                log.warning("%s pairs dropped: %s", split,
+                            ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+        if not pairs:
+            raise ConfigError("data.pairs", f"no usable pair in {d.pairs or 'the pairs given'} ("
+                              + ", ".join(f"{k} {v}" for k, v in sorted(dropped.items())) + ")")
+        self.pairs, self.val_pairs = pairs, val_pairs
         self.examples, self.counts = encode_pairs(tokenizer, self.pairs, d.system_prompt,
                                                   d.max_tokens, d.overlong)
+        self.counts.update(dropped)
         self.val_examples, _ = encode_pairs(tokenizer, self.val_pairs, d.system_prompt,
                                             d.max_tokens, d.overlong)
         if not self.examples:
@@ -183,9 +195,17 @@ class HDPOTrainer(Trainer):
             if name.endswith(".safetensors"):
                 st = os.stat(os.path.join(self.cfg.model.path, name))
                 digest.update(f"{name}:{st.st_size}:{st.st_mtime_ns}".encode())
-        path = os.path.join(self.cfg.run_dir, f"ref_logps_{digest.hexdigest()[:16]}.pt")
+        path = os.path.join(self.cfg.run_dir, f"ref_logps_{digest.hexdigest()[:16]}.safetensors")
         if os.path.exists(path):
-            return torch.load(path)
+            try:
+                cached = load_file(path)["ref_logps"]
+            except Exception as e:  # noqa: BLE001 - a damaged cache is recomputed, not fatal
+                cached = e
+            if isinstance(cached, torch.Tensor) and cached.shape == (n_pairs, 2) \
+                    and torch.isfinite(cached).all():
+                return cached
+            log.warning("%s is not a cache of (%d, 2) finite log-probs (%s); computing it again",
+                        path, n_pairs, cached if isinstance(cached, Exception) else "bad values")
         out = torch.zeros(n_pairs, 2)
         with torch.no_grad():
             for pack in pack_pairs(examples, self.cfg.data.max_tokens):
@@ -193,8 +213,9 @@ class HDPOTrainer(Trainer):
                 out[[p.index for p in pack]] = sums[0].float().cpu().view(-1, 2)  # (P, 2)
         if self.dist.main:  # every rank computed the same values (a sharded reference needs all)
             os.makedirs(self.cfg.run_dir, exist_ok=True)
-            torch.save(out, path + ".tmp")
-            os.replace(path + ".tmp", path)
+            tmp = f"{path}.{os.getpid()}.tmp"  # another run may be writing the same cache
+            save_file({"ref_logps": out.contiguous()}, tmp)
+            os.replace(tmp, path)
         if self.dist.enabled:
             torch.distributed.barrier()
         return out

@@ -8,13 +8,32 @@ import time
 
 
 class MetricsLog:
-    """Appends one JSON object per line to ``run_dir/metrics.jsonl``."""
+    """Appends one JSON object per line to ``run_dir/metrics.jsonl``.
 
-    def __init__(self, run_dir: str, resume: bool = False, enabled: bool = True):
+    A fresh run starts the file anew. A run resumed from step ``resume_step`` keeps the rows up to
+    that step (and those without one, such as the data row) and drops the rows of the steps it is
+    about to train again, so that every step keeps a single row."""
+
+    def __init__(self, run_dir: str, resume_step: int | None = None, enabled: bool = True):
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self.enabled = enabled  # only rank 0 writes in a multi-process run
-        if enabled and not resume and os.path.exists(self.path):
+        if not enabled or not os.path.exists(self.path):
+            return
+        if resume_step is None:
             os.remove(self.path)
+            return
+        kept = []
+        with open(self.path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by a kill
+                    continue
+                if row.get("event") != "summary" and row.get("step", 0) <= resume_step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+        with open(self.path + ".tmp", "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        os.replace(self.path + ".tmp", self.path)
 
     def write(self, row: dict) -> None:
         if not self.enabled:
