@@ -451,3 +451,38 @@ def test_a_write_that_runs_out_of_space_cleans_up_and_says_so(tmp_path, monkeypa
     assert f"the previous checkpoint {first} is intact" in msg
     assert os.listdir(os.path.join(tr.cfg.run_dir, "checkpoints")) == ["step_000000"]
     assert ckpt_mod.trainer_state(first)["step"] == 0
+
+
+class _SlowEvent:
+    """A CUDA event whose work never completes until waited on (a device far behind)."""
+
+    def record(self):
+        self.done = False
+
+    def query(self):
+        return False
+
+    def synchronize(self):
+        self.done = True
+
+
+def test_the_deferred_guard_loses_no_step_when_the_device_lags_a_whole_ring():
+    """The CUDA bookkeeping (pinned ring of copies, events) on this CPU, with events that land
+    only when waited on: bad steps are reported with their step and values, in order, once."""
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([p], lr=0.1, fused=True)
+    guard = NonFiniteGuard(opt, torch.device("cpu"), deferred=True)
+    guard.cuda, guard.host = True, torch.empty(guard.RING, 2)
+    guard.events = [_SlowEvent() for _ in range(guard.RING)]
+    guard.busy = [False] * guard.RING
+    found = []
+    for step in range(1, 2 * guard.RING + 4):
+        p.grad = torch.full((3,), float("nan") if step in (5, 20) else 1.0)
+        loss = torch.tensor(float("inf") if step == 9 else 2.0)
+        found += guard.step(step, loss, p.grad.norm())
+        if step <= guard.RING:
+            assert found == []  # nothing has landed: no sync was forced yet
+    found += guard.poll(wait=True)
+    assert [b.step for b in found] == [5, 9, 20]
+    assert found[1].loss == float("inf") and found[1].grad_norm == pytest.approx(3 ** 0.5)
+    assert int(opt.state[p]["step"]) == 2 * guard.RING + 3 - 3  # the three bad updates skipped

@@ -58,14 +58,14 @@ class NonFiniteGuard:
             self.pending.append((step, values, None))
             return self.poll()
         i = self.slot
-        if self.busy[i]:  # the ring wrapped: this slot's copy must have landed first
-            self.events[i].synchronize()
+        # the ring wrapped (the device is RING steps behind): read what is in flight first
+        bad = self.poll(wait=True) if self.busy[i] else []
         self.host[i].copy_(values, non_blocking=True)
         self.events[i].record()
         self.busy[i] = True
         self.pending.append((step, i, self.events[i]))
         self.slot = (i + 1) % self.RING
-        return self.poll()
+        return bad + self.poll()
 
     def poll(self, wait: bool = False) -> list[BadStep]:
         """The bad steps among the pairs that have landed (all of them with ``wait``)."""
