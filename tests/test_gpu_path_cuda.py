@@ -1,5 +1,6 @@
-"""CUDA-only checks of the GPU model path: Liger modules compute the same step, and a training
-step (SFT and HDPO) makes no host sync. Skipped without a GPU."""
+"""CUDA-only checks of the GPU model path: Liger modules compute the same step, a training step
+(SFT and HDPO) makes no host sync, and a NaN step is skipped on the device without one. Skipped
+without a GPU."""
 
 import pytest
 import torch
@@ -51,3 +52,27 @@ def test_sft_and_hdpo_steps_make_no_host_sync(tmp_path):
             "hdpo.loss_backend": "triton", "train.device": "cuda", "train.progress": False,
             "train.grad_accum": 2, "data.max_tokens": 2048})
         _no_sync_steps(HDPOTrainer(cfg, pairs=_pairs(40, 7)))
+
+
+def test_a_nan_step_is_skipped_on_the_device_and_reported_after_the_fact():
+    from polyfast.train.guard import NonFiniteGuard
+    p = torch.nn.Parameter(torch.ones(1000, device="cuda"))
+    opt = torch.optim.AdamW([p], lr=0.1, fused=True)
+    guard = NonFiniteGuard(opt, p.device, deferred=True)
+    assert guard.deferred and guard.cuda
+    found, before = [], None
+    torch.cuda.set_sync_debug_mode("error")  # the guarded steps themselves never wait
+    try:
+        for step in range(1, 7):
+            if step == 4:
+                before = p.detach().clone()
+            p.grad = torch.full_like(p, float("nan") if step == 4 else 1.0)
+            found += guard.step(step, p.grad.sum(), p.grad.norm())
+            if step == 4:
+                after = p.detach().clone()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    found += guard.poll(wait=True)
+    assert [b.step for b in found] == [4] and found[0].loss != found[0].loss  # NaN
+    assert torch.equal(before, after)  # step 4 changed nothing
+    assert int(opt.state[p]["step"]) == 5 and torch.isfinite(p).all()
