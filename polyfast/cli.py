@@ -7,6 +7,7 @@ import logging
 import sys
 from collections import defaultdict
 
+from .config import flatten as _flatten  # noqa: F401 - the demo's settings as dotted keys
 from .errors import PolyfastError
 
 # The built-in demo run (configs/demo_sft.yaml holds the same settings; a test keeps them equal).
@@ -111,6 +112,7 @@ def _cmd_pairs(args) -> int:
     import dataclasses
     from .critic import References, text_distance
     from .data import make_pairs, pair_weights, save_pairs
+    from .data.pairs import describe_counts
     from .eval.generate import load_predictions
 
     records = _records_arg(args.records, args)
@@ -124,11 +126,10 @@ def _cmd_pairs(args) -> int:
                  for p, c, r in zip(pairs, dc, dr)]
     if not pairs:
         from .errors import DataError
-        raise DataError("no pair kept (" + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
-                        + ")", args.predictions)
+        raise DataError(f"no pair kept ({describe_counts(counts)})", args.predictions)
     pairs = pair_weights(pairs)
     save_pairs(pairs, args.out)
-    print(f"{len(pairs)} pairs -> {args.out}; " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    print(f"{len(pairs)} pairs -> {args.out}; {describe_counts(counts)}")
     return 0
 
 
@@ -227,17 +228,6 @@ def _cmd_eval(args) -> int:
     print(f"{title} ({args.profile}): " + ", ".join(f"{k} {v:.4f}" for k, v in m.items())
           + f"\nreport -> {os.path.join(out, 'report.md')}")
     return 0
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        key = f"{prefix}.{k}" if prefix else k
-        if isinstance(v, dict):
-            out.update(_flatten(v, key))
-        else:
-            out[key] = v
-    return out
 
 
 def _cmd_data_stats(args) -> int:

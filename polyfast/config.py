@@ -296,6 +296,18 @@ def _merge(base: dict, new: dict) -> dict:
     return out
 
 
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """A nested mapping as {"dotted.key": value} (the inverse of the overrides' paths)."""
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if isinstance(v, dict):
+            out.update(flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
 def to_dict(cfg) -> dict:
     def clean(x):
         if isinstance(x, tuple):

@@ -94,6 +94,19 @@ def check_model_dir(path: str, key: str) -> None:
                               f"file ({e})") from None
 
 
+def load_pretrained(path: str, key: str, **kwargs):
+    """``AutoModelForCausalLM.from_pretrained`` from a checked local directory (safetensors only);
+    a failure is a ConfigError naming ``key`` and the directory."""
+    from transformers import AutoModelForCausalLM
+
+    check_model_dir(path, key)
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+        raise ConfigError(key, f"transformers cannot load the model in {path}: {first}") from e
+
+
 def load_model(cfg: ModelConfig, tokenizer, *, packed: bool = True, seed: int = 0,
                device: torch.device | None = None):
     """The causal LM: from ``cfg.path`` (safetensors only) or randomly initialised from ``cfg.tiny``,
@@ -108,14 +121,8 @@ def load_model(cfg: ModelConfig, tokenizer, *, packed: bool = True, seed: int = 
     attn = attention.ATTN_IMPLEMENTATION if packed else "sdpa"
     dtype = param_dtype(cfg)
     if cfg.path:
-        check_model_dir(cfg.path, "model.path")
-        try:
-            model = AutoModelForCausalLM.from_pretrained(
-                cfg.path, dtype=dtype, attn_implementation=attn, use_safetensors=True,
-                trust_remote_code=cfg.trust_remote_code)
-        except (OSError, ValueError, KeyError, RuntimeError) as e:
-            raise ConfigError("model.path", f"transformers cannot load the model in {cfg.path}: "
-                              f"{str(e).strip().splitlines()[0] if str(e).strip() else e!r}") from e
+        model = load_pretrained(cfg.path, "model.path", dtype=dtype, attn_implementation=attn,
+                                trust_remote_code=cfg.trust_remote_code)
     else:
         torch.manual_seed(seed)
         # initialised where it will run: a GPU draws a 1.5B-parameter init in a second, a CPU not

@@ -134,6 +134,11 @@ def pair_problem(chosen: str, rejected: str) -> str | None:
     return None
 
 
+def describe_counts(counts: Counter) -> str:
+    """'dropped_equal 1, kept 12': a count table on one line, keys sorted."""
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+
+
 def usable_pairs(pairs: Sequence[PreferencePair]) -> tuple[list[PreferencePair], Counter]:
     """The pairs that teach a preference, and the counts of those dropped by ``pair_problem``."""
     kept, counts = [], Counter()

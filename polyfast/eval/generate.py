@@ -16,7 +16,6 @@ from tqdm.auto import tqdm
 
 from ..data.records import Record
 from ..data.tokenize import messages_for
-from ..errors import ConfigError
 
 
 @dataclass
@@ -33,19 +32,12 @@ class GenerationConfig:
 def load_for_generation(path: str, device: str | torch.device = "cpu", key: str = "--model"):
     """An exported run (``RUN/final`` or ``RUN``) and its tokenizer, with SDPA attention; a
     directory that holds none is a ConfigError naming ``key`` and the path."""
-    from transformers import AutoModelForCausalLM
-
     from ..data.tokenize import load_tokenizer
-    from ..model import check_model_dir
+    from ..model import load_pretrained
 
     if os.path.isdir(os.path.join(path, "final")):
         path = os.path.join(path, "final")
-    check_model_dir(path, key)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa",
-                                                     use_safetensors=True).to(device).eval()
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise ConfigError(key, f"transformers cannot load the model in {path}: {e}") from e
+    model = load_pretrained(path, key, attn_implementation="sdpa").to(device).eval()
     return model, load_tokenizer(path)
 
 

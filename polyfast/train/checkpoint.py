@@ -205,6 +205,19 @@ def _space_error(what: str, where: str, need: int, free: int, after: str) -> Run
                     f"{free / MiB:,.1f} MiB free; {after}")
 
 
+def _failed_write(exc: BaseException, what: str, where: str, need: int, tmp: str, kept: str,
+                  partial: str, remove: bool = True) -> None:
+    """After a write of ``what`` into ``tmp`` (the ``partial`` one) failed: remove ``tmp`` (where
+    ``remove``), and raise the disk-full RunError if the disk is the cause (the free space is read
+    before the removal); return otherwise, for the caller to re-raise ``exc``."""
+    free = _free_bytes(where)
+    if remove:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if _disk_full(exc) or free < MiB:
+        raise _space_error(what, where, need, free,
+                           f"the partial {partial} was removed and {kept}") from exc
+
+
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
@@ -265,12 +278,8 @@ def save_checkpoint(run_dir: str, step: int, model, optimizer, scheduler, extra:
         if also is not None:
             also(tmp)
     except (Exception, CheckpointException) as e:
-        free = _free_bytes(root)
-        if _main():
-            shutil.rmtree(tmp, ignore_errors=True)
-        if _disk_full(e) or free < MiB:
-            raise _space_error(f"checkpoint step {step}", root, need, free,
-                               f"the partial checkpoint was removed and {kept}") from e
+        _failed_write(e, f"checkpoint step {step}", root, need, tmp, kept, "checkpoint",
+                      remove=_main())
         raise
     _barrier()  # every rank's shards are on disk
     if _main():
@@ -355,7 +364,7 @@ def export_pretrained(model, tokenizer, out_dir: str) -> str:
     tmp = out_dir.rstrip("/") + ".tmp"
     where = os.path.dirname(os.path.abspath(out_dir))
     shutil.rmtree(tmp, ignore_errors=True)
-    need = sum(p.numel() * p.element_size() for p in model.state_dict().values()) + MiB
+    need = _local_bytes(model.state_dict()) + MiB
     kept = (f"the previous export {out_dir} is intact" if os.path.exists(out_dir)
             else "nothing was exported")
     free = _free_bytes(where)
@@ -365,11 +374,7 @@ def export_pretrained(model, tokenizer, out_dir: str) -> str:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
     except Exception as e:
-        free = _free_bytes(where)
-        shutil.rmtree(tmp, ignore_errors=True)
-        if _disk_full(e) or free < MiB:
-            raise _space_error(f"the export {out_dir}", where, need, free,
-                               f"the partial export was removed and {kept}") from e
+        _failed_write(e, f"the export {out_dir}", where, need, tmp, kept, "export")
         raise
     if os.path.exists(out_dir):
         shutil.rmtree(out_dir)

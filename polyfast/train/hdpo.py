@@ -23,7 +23,7 @@ from ..config import HDPOConfig
 from ..critic import FEATURE_NAMES, References, feature_matrix
 from ..data import load_pairs, load_tokenizer
 from ..data.packing import PairExample, collate_pairs, pack_pairs, to_device
-from ..data.pairs import PreferencePair, usable_pairs
+from ..data.pairs import PreferencePair, describe_counts, usable_pairs
 from ..data.tokenize import encode_record, fit_length
 from ..errors import ConfigError
 from ..kernels import joint_logprobs
@@ -85,11 +85,10 @@ class HDPOTrainer(Trainer):
         val_pairs, val_dropped = usable_pairs(val_pairs or [])
         for split, counts in (("train", dropped), ("val", val_dropped)):
             if counts:
-                log.warning("%s pairs dropped: %s", split,
-                            ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+                log.warning("%s pairs dropped: %s", split, describe_counts(counts))
         if not pairs:
-            raise ConfigError("data.pairs", f"no usable pair in {d.pairs or 'the pairs given'} ("
-                              + ", ".join(f"{k} {v}" for k, v in sorted(dropped.items())) + ")")
+            raise ConfigError("data.pairs", f"no usable pair in {d.pairs or 'the pairs given'} "
+                              f"({describe_counts(dropped)})")
         self.pairs, self.val_pairs = pairs, val_pairs
         self.examples, self.counts = encode_pairs(tokenizer, self.pairs, d.system_prompt,
                                                   d.max_tokens, d.overlong)

@@ -20,7 +20,7 @@ import socket
 import time
 from dataclasses import dataclass
 
-from ..config import to_dict
+from ..config import flatten, to_dict
 from ..errors import RunError
 from .checkpoint import CKPT_DIR, list_checkpoints
 
@@ -169,17 +169,7 @@ def remove_partial(run_dir: str) -> list[str]:
 
 def identity(cfg) -> dict:
     """The dotted config keys that define the run, with their values."""
-    flat: dict = {}
-
-    def walk(tree, prefix):
-        for k, v in tree.items():
-            key = f"{prefix}.{k}" if prefix else k
-            if isinstance(v, dict):
-                walk(v, key)
-            elif key not in RESUMABLE_KEYS:
-                flat[key] = v
-    walk(to_dict(cfg), "")
-    return flat
+    return {k: v for k, v in flatten(to_dict(cfg)).items() if k not in RESUMABLE_KEYS}
 
 
 def _show(value, missing) -> str:
