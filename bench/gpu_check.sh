@@ -4,7 +4,7 @@
 # (Qwen2.5-1.5B shape, random init). Each part runs under its own time limit (GNU timeout kills
 # the part's whole process group), every benchmark row is in its JSONL file as soon as it is
 # measured, and the tables are rendered from those files last, whatever failed before: at most
-# 6.7 minutes in all. Optional wheels (liger-kernel, cut-cross-entropy) are installed from .whl/
+# 7.7 minutes in all. Optional wheels (liger-kernel, cut-cross-entropy) are installed from .whl/
 # when present. Logs and JSONL rows land in $OUT (default /tmp/polyfast-gpu-check).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -35,8 +35,8 @@ part() {
   fi
 }
 
-part tests 75 python3 -m pytest -q -rs -p no:cacheprovider tests/test_linear_ce_cuda.py \
-  tests/test_joint_logprobs_cuda.py tests/test_gpu_path_cuda.py
+part tests 90 python3 -m pytest -q -rs -p no:cacheprovider tests/test_linear_ce_cuda.py \
+  tests/test_joint_logprobs_cuda.py tests/test_gpu_path_cuda.py tests/test_prefix_sharing_cuda.py
 tail -12 "$OUT/tests.log"
 # our fused backends against Cut Cross-Entropy and Liger, the CCE comparison shape first
 part linear_ce 110 python3 -m bench.linear_ce --grid check --out "$OUT/linear_ce.jsonl"
@@ -44,8 +44,9 @@ part linear_ce 110 python3 -m bench.linear_ce --grid check --out "$OUT/linear_ce
 part linear_ce_peaked 30 python3 -m bench.linear_ce --shapes 16384x2048x248320 \
   --backends triton cce --hidden-std 4 --out "$OUT/linear_ce_peaked.jsonl"
 part joint_logprobs 45 python3 -m bench.joint_logprobs --grid gpu --out "$OUT/joint_logprobs.jsonl"
-part train 120 python3 -m bench.train --model qwen2.5-1.5b --max-tokens 8192 --steps 3 \
-  --warmup 1 --modes sft:polyfast hdpo:polyfast --mode-timeout 55 --out "$OUT/train.jsonl"
+part train 170 python3 -m bench.train --model qwen2.5-1.5b --max-tokens 8192 --steps 3 \
+  --warmup 1 --modes sft:polyfast hdpo:polyfast hdpo:unshared --mode-timeout 55 \
+  --out "$OUT/train.jsonl"
 
 echo
 for b in linear_ce linear_ce_peaked joint_logprobs train; do

@@ -101,10 +101,12 @@ def _cmd_generate(args) -> int:
     model, tok = load_for_generation(args.model, resolve_device(args.device))
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=args.sample,
                            temperature=args.temperature, top_p=args.top_p,
-                           batch_size=args.batch_size, system=args.system, seed=args.seed)
+                           batch_size=args.batch_size, system=args.system, seed=args.seed,
+                           num_samples=args.num_samples)
     rows = generate(model, tok, records, cfg)
     save_predictions(rows, args.out)
-    print(f"{len(rows)} predictions -> {args.out}")
+    each = f" ({args.num_samples} samples each)" if args.num_samples > 1 else ""
+    print(f"{len(rows)} predictions{each} -> {args.out}")
     return 0
 
 
@@ -113,10 +115,16 @@ def _cmd_pairs(args) -> int:
     from .critic import References, text_distance
     from .data import make_pairs, pair_weights, save_pairs
     from .data.pairs import describe_counts
-    from .eval.generate import load_predictions
+    from .eval.generate import load_samples
 
     records = _records_arg(args.records, args)
-    pairs, counts = make_pairs(records, load_predictions(args.predictions), pair_type=args.pair_type)
+    if args.num_samples < 0:
+        from .errors import ConfigError
+        raise ConfigError("--num-samples", f"must be >= 1, got {args.num_samples}")
+    samples = load_samples(args.predictions)
+    if args.num_samples:  # the first K samples of each record
+        samples = {k: v[:args.num_samples] for k, v in samples.items()}
+    pairs, counts = make_pairs(records, samples, pair_type=args.pair_type)
     if args.references:
         refs = References.load(args.references)
         buckets = [p.bucket_id for p in pairs]
@@ -297,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the profile system prompt, the record's own, or none")
     gen.add_argument("--limit", type=int, default=0, help="only the first N records")
     gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--num-samples", type=int, default=1, metavar="K",
+                     help="K sampled responses per prompt (with --sample): K pairs per record, "
+                          "sharing the prompt in HDPO")
     gen.add_argument("--device", default="auto")
     gen.set_defaults(func=_cmd_generate)
 
@@ -307,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     pairs.add_argument("--references", default=None, help="critic references: adds distances")
     pairs.add_argument("--pair-type", choices=["global", "distribution", "local"],
                        default="distribution")
+    pairs.add_argument("--num-samples", type=int, default=0, metavar="K",
+                       help="pairs per record from its first K samples (default: every sample "
+                            "in the predictions file)")
     pairs.set_defaults(func=_cmd_pairs)
 
     critic = sub.add_parser("critic", help="critic references, training and scoring")

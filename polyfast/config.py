@@ -353,6 +353,9 @@ class HDPOLossConfig:
     # like the policy (shard: less memory, one all-gather per layer and forward)
     frozen: Literal["replicate", "shard"] = "replicate"
     loss_backend: Literal["auto", "separate", "triton", "torch", "reference"] = "auto"
+    # pairs that share a prompt are laid out with the prompt once, [prompt | r_1 | r_2 ...], each
+    # response attending to the prompt and itself: the same numbers as one copy per response
+    prefix_sharing: bool = True
 
     LIMITS: ClassVar[dict] = {"beta": POSITIVE, "reg_lambda": NON_NEGATIVE, "ftx": NON_NEGATIVE,
                               "label_smoothing": Range(0, 0.5, hi_open=True),

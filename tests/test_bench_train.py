@@ -20,8 +20,39 @@ def test_each_mode_runs_a_step_and_counts_real_tokens(mode):
     assert (row["mode"], row["impl"]) == tuple(mode.split(":"))
     assert row["tokens"] > 0 and row["tokens_per_s"] > 0 and row["peak_mb"] > 0
     # a step holds whole examples (pairs: both sides), at most a pack's worth for polyfast
-    if row["impl"] == "polyfast":
-        assert row["tokens"] <= 1024
+    if row["impl"] in ("polyfast", "unshared"):
+        assert row["computed_tokens"] <= 1024
+    # HDPO credits pair tokens (the prompt once per side): prefix sharing computes fewer
+    if mode == "hdpo:polyfast":
+        assert row["computed_tokens"] < row["tokens"]
+    else:
+        assert row["computed_tokens"] == row["tokens"]
+
+
+def test_group_work_counts_pair_tokens_and_bottom_right_attention():
+    from polyfast.data.groups import GroupExample
+    g = GroupExample((1,) * 10, ((2,) * 3, (3,) * 5), ((0, 0, 1),), "b")
+    shared = bench.group_work([g])
+    assert shared["tokens"] == 2 * 10 + 3 + 5 and shared["lengths"] == [13, 5]
+    assert shared["attn_sq"] == 13 ** 2 + (2 * 5 * 15 - 5 ** 2) and shared["bucket"] == "b"
+    import dataclasses
+    flat = bench.group_work([dataclasses.replace(g, shared=False)])
+    assert flat["tokens"] == shared["tokens"] and flat["lengths"] == [13, 15]
+    assert flat["attn_sq"] == 13 ** 2 + 15 ** 2
+    assert bench.prompt_share([g]) == {"b": 20 / 28}
+
+
+def test_mode_selects_the_modes_of_a_kind_and_the_bucket_table_shows_the_gain():
+    _, args = bench._args(["--mode", "hdpo"])
+    assert args.modes == ["hdpo:polyfast", "hdpo:unshared", "hdpo:baseline"]
+    rows = [{"mode": "hdpo", "impl": impl, "steps": 2, "tokens": 100, "tokens_per_s": tps,
+             "step_ms": 1.0, "peak_mb": 1.0, "model": "demo", "max_tokens": 64, "grad_accum": 1,
+             "device": "CPU", "torch": "x", "date": "d", "prompt_share": {"a": 0.5},
+             "buckets": {"a": {"tokens_per_s": tps, "flops": 1e6 / tps}}}
+            for impl, tps in (("polyfast", 300.0), ("unshared", 200.0), ("baseline", 100.0))]
+    out = bench.render(rows)
+    assert "shared / unshared: 1.50" in out
+    assert "| a | 0.5 | 1.5 | 300.0 | 200.0 | 100.0 | 1.5 |" in out
 
 
 def test_flops_are_twice_the_matmul_parameters_per_token_plus_attention():
@@ -58,3 +89,17 @@ def test_peak_flops_by_device_name():
     assert bench.peak_flops("NVIDIA H100 PCIe", None) == 756e12
     assert bench.peak_flops("CPU AMD EPYC, 2 threads", None) is None
     assert bench.peak_flops("CPU", 1.5) == 1.5e12
+
+
+def test_repeated_rounds_keep_each_modes_fastest_round_and_bucket():
+    def row(impl, attempt, tps, bucket_tps):
+        return {"mode": "hdpo", "impl": impl, "attempt": attempt, "tokens_per_s": tps,
+                "buckets": {"a": {"tokens_per_s": bucket_tps, "flops": 1.0}}}
+    rows = [row("polyfast", 0, 10.0, 5.0), row("unshared", 0, 8.0, 4.0),
+            row("polyfast", 1, 12.0, 4.5), row("unshared", 1, 7.0, 6.0)]
+    best = {r["impl"]: r for r in bench.best_rounds(rows)}
+    assert best["polyfast"]["tokens_per_s"] == 12.0 and best["polyfast"]["attempt"] == 1
+    assert best["polyfast"]["rounds_tokens_per_s"] == [10.0, 12.0]
+    assert best["polyfast"]["buckets"]["a"]["tokens_per_s"] == 5.0  # per bucket, its own best
+    assert best["unshared"]["tokens_per_s"] == 8.0
+    assert best["unshared"]["buckets"]["a"]["tokens_per_s"] == 6.0

@@ -104,19 +104,34 @@ def test_generate_pairs_critic_and_hdpo_commands(tmp_path, capsys):
                  "--limit", "12", "--max-new-tokens", "16", "--batch-size", "5"]) == 0
     rows = [json.loads(line) for line in preds.read_text().splitlines()]
     assert len(rows) == 12 and all(r["id"].startswith("demo-") and "|" in r["bucket_id"] for r in rows)
-    # an SFT model of 3 steps says little: pair the records with hand-made predictions instead
+    # several sampled responses per prompt
+    samples = tmp_path / "samples.jsonl"
+    assert main(["generate", "--model", str(sft), "--data", "demo:train", "--out", str(samples),
+                 "--limit", "3", "--max-new-tokens", "8", "--sample", "--num-samples", "3"]) == 0
+    rows = [json.loads(line) for line in samples.read_text().splitlines()]
+    assert len(rows) == 3 and all(len(r["predictions"]) == 3 == len(r["new_tokens"]) for r in rows)
+    assert all(r["prediction"] == r["predictions"][0] for r in rows)
+    assert main(["generate", "--model", str(sft), "--data", "demo:train", "--out", str(samples),
+                 "--limit", "3", "--num-samples", "3"]) == 2
+    assert "need sampling (--sample)" in capsys.readouterr().err
+    # an SFT model of 3 steps says little: pair the records with hand-made predictions instead,
+    # three per record (the third repeats the first)
     from polyfast.data import demo_records
-    preds.write_text("\n".join(json.dumps({"id": r.id, "prediction": r.response[::-1]})
-                                for r in demo_records("train")[::80]))
+    chosen = demo_records("train")[::80]
+    preds.write_text("\n".join(json.dumps({"id": r.id, "prediction": r.response[::-1],
+                                           "predictions": [r.response[::-1], r.response.upper() + "!",
+                                                           r.response[::-1] + " "]})
+                                for r in chosen))
     refs = tmp_path / "refs.json"
     assert main(["critic", "references", "--data", "demo:train", "--out", str(refs)]) == 0
     pairs = tmp_path / "pairs.jsonl"
     assert main(["pairs", "--records", "demo:train", "--predictions", str(preds), "--out", str(pairs),
-                 "--references", str(refs)]) == 0
+                 "--references", str(refs), "--num-samples", "3"]) == 0
     out = capsys.readouterr().out
     assert "dropped_no_prediction" in out  # the records without a prediction are counted
+    assert f"dropped_duplicate_sample {len(chosen)}" in out
     loaded = load_pairs(pairs)
-    assert 0 < len(loaded) <= 12 and all(p.rejected_dist is not None for p in loaded)
+    assert len(loaded) == 2 * len(chosen) and all(p.rejected_dist is not None for p in loaded)
     scores = tmp_path / "scores.jsonl"
     assert main(["critic", "score", "--pairs", str(pairs), "--references", str(refs),
                  "--out", str(scores)]) == 0
@@ -133,6 +148,13 @@ def test_generate_pairs_critic_and_hdpo_commands(tmp_path, capsys):
                                    "train": {"max_steps": 2, "progress": False}}))
     assert main(["hdpo", str(cfg)]) == 0
     assert (tmp_path / "hdpo" / "final" / "model.safetensors").exists()
+    metrics = (tmp_path / "hdpo" / "metrics.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in metrics]
+    (data_row,) = [r for r in rows if r.get("event") == "data"]
+    # the two pairs of a record share its prompt: one group per prompt (records may share one)
+    assert data_row["counts"]["kept"] == 2 * len(chosen)
+    assert data_row["counts"]["groups"] <= len(chosen)
+    assert data_row["pair_tokens_per_epoch"] > data_row["tokens_per_epoch"]
 
 
 def test_every_shipped_config_loads():

@@ -5,12 +5,12 @@ import torch
 
 from polyfast.config import HDPOConfig, ModelConfig, SFTConfig, TinyModelConfig, load_config
 from polyfast.data import byte_tokenizer, demo_records, make_pairs
-from polyfast.data.packing import collate_pairs, pack_pairs
+from polyfast.data.groups import collate_groups, encode_groups, pack_groups
 from polyfast.kernels import joint_logprobs
-from polyfast.losses import shift_left
 from polyfast.model import head_weight, hidden_states, load_model, set_packed
-from polyfast.train.hdpo import HDPOTrainer, encode_pairs
+from polyfast.train.hdpo import HDPOTrainer
 from polyfast.train.sft import SFTTrainer
+from tests.utils import assert_close
 
 
 def _pairs(n=24, stride=13):
@@ -21,31 +21,34 @@ def _pairs(n=24, stride=13):
     return pairs
 
 
+@pytest.mark.parametrize("shared", [True, False])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_packed_pair_logprobs_equal_unpacked_sums(arch):
+def test_packed_pair_logprobs_equal_unpacked_sums(arch, shared):
     tok = byte_tokenizer()
     model = load_model(ModelConfig(tiny=TinyModelConfig(arch=arch, hidden_size=48, num_layers=2,
                                                         num_heads=4, num_kv_heads=2,
                                                         intermediate_size=96)), tok).eval()
-    examples, _ = encode_pairs(tok, _pairs(8), "profile", 4096, "truncate_left")
+    examples, _ = encode_groups(tok, _pairs(8), system="profile", max_tokens=4096, shared=shared)
     names = sorted({e.bucket for e in examples})
-    (pack,) = pack_pairs(examples, 100_000, packing="mixed")
+    (pack,) = pack_groups(examples, 100_000, packing="mixed")
     assert len(pack) == 8
     with torch.no_grad():
-        batch, seg = collate_pairs(pack, names)
-        h = hidden_states(model, batch)
-        targets, seg_s = shift_left(batch.labels, -100)[0], shift_left(seg[None], -1)[0]
-        sums, counts = joint_logprobs([h], [head_weight(model)], targets, seg_s, 16)
+        batch, sc = collate_groups(pack, names)
+        h = hidden_states(model, batch).index_select(0, sc.rows)
+        sums, counts = joint_logprobs([h], [head_weight(model)], sc.targets, sc.segments,
+                                      sc.num_segments)
         set_packed(model, False)
-        for k, p in enumerate(pack):
-            for side, ex in enumerate((p.chosen, p.rejected)):
-                ids = torch.tensor([ex.input_ids])
+        for k, g in enumerate(pack):
+            for side, response in enumerate(g.responses):
+                ids = torch.tensor([g.prompt + response])
                 logits = (model.model(input_ids=ids).last_hidden_state[0].double()
                           @ head_weight(model).double().T)
                 lp = torch.log_softmax(logits[:-1], -1).gather(1, ids[0, 1:, None])[:, 0]
-                expected = lp[ex.n_prompt - 1:].sum()
-                assert counts[2 * k + side] == ex.n_response
+                expected = lp[len(g.prompt) - 1:].sum()
+                assert counts[2 * k + side] == len(response)
                 assert sums[0, 2 * k + side].item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-4)
+    assert sc.chosen.tolist() == list(range(0, 16, 2))
+    assert sc.rejected.tolist() == list(range(1, 16, 2))
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +87,7 @@ def test_hdpo_loss_does_not_depend_on_micro_batching(sft_checkpoint, tmp_path):
         tr = HDPOTrainer(cfg, pairs=pairs)
         tr.model.double()  # float64 end to end: any difference is summation order, not the loss
         tr.reference.double()
-        packs = pack_pairs(tr.examples, cap, packing="mixed")
+        packs = pack_groups(tr.examples, cap, packing="mixed")
         out = tr.forward_backward(packs)
         grads = torch.cat([p.grad.flatten() for p in tr.model.parameters() if p.grad is not None])
         losses.append((out["loss"].item(), grads, len(packs)))
@@ -158,3 +161,39 @@ def test_pairs_that_teach_no_preference_are_dropped_and_counted(sft_checkpoint, 
     assert "train pairs dropped: dropped_empty_rejected 1, dropped_equal 1" in caplog.text
     with pytest.raises(ConfigError, match="no usable pair .*dropped_equal 1"):
         HDPOTrainer(cfg, pairs=[equal])
+
+
+@pytest.mark.parametrize("distance,reference", [("feature", "live"), ("lm", "precomputed")])
+def test_prefix_sharing_changes_the_layout_not_the_loss(sft_checkpoint, tmp_path, distance,
+                                                        reference):
+    import dataclasses
+    base = _pairs(6, 17)
+    # more rejected responses for three prompts: groups of four and three responses
+    pairs = (base + [dataclasses.replace(p, rejected=p.rejected.upper()) for p in base[:3]]
+             + [dataclasses.replace(p, rejected=p.rejected[:7] + "?") for p in base[:2]])
+    runs = {}
+    for shared in (True, False):
+        cfg = load_config(HDPOConfig, None, [], extra={
+            "model.path": sft_checkpoint, "run_dir": str(tmp_path / f"h{shared}"),
+            "hdpo.distance": distance, "hdpo.reference": reference, "hdpo.min_bucket_size": 3,
+            "hdpo.prefix_sharing": shared, "data.max_tokens": 100_000, "train.progress": False})
+        tr = HDPOTrainer(cfg, pairs=pairs)
+        assert tr.counts["kept"] == 11 and tr.counts["groups"] == 6
+        packs = pack_groups(tr.examples, 100_000, packing="mixed")
+        out = tr.forward_backward(packs)
+        grads = torch.cat([p.grad.flatten() for p in tr.model.parameters() if p.grad is not None])
+        order = torch.tensor([i for p in packs for g in p for i, _, _ in g.pairs]).argsort()
+        per_pair = {k: v[order] for k, v in out.items() if isinstance(v, torch.Tensor) and v.dim()}
+        runs[shared] = ({**per_pair, "loss": out["loss"]}, grads,
+                        sum(g.computed_tokens for p in packs for g in p),
+                        [[g.pairs for g in p] for p in pack_groups(tr.examples, 3000, seed=5)])
+    (sh, g_sh, t_sh, packs_sh), (un, g_un, t_un, packs_un) = runs[True], runs[False]
+    assert packs_sh == packs_un and len(packs_sh) > 1  # the packs do not depend on the layout
+    assert t_sh < t_un  # the prompts laid out once
+    # float32: a shared prompt row sums its responses' gradients before rounding, the copies
+    # after (HF's RMSNorm rounds to float32 even in a float64 model: float64 is no tighter)
+    tol = 1e-5
+    assert sh["loss"].item() == pytest.approx(un["loss"].item(), rel=tol)
+    for k in ("rewards_chosen", "rewards_rejected", "dist_reg", "anchor"):
+        assert_close(sh[k], un[k], tol, k)
+    assert_close(g_sh, g_un, tol, "policy gradients")

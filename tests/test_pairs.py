@@ -63,3 +63,31 @@ def test_pair_weights_formula():
     assert weighted["r11"] == pytest.approx(1 + 0.5 * 0.25 + 0.25)
     assert weighted["r10"] == pytest.approx(1 + 0.5 * 0.25 + 0.8 + 0.25)
     assert weighted["z"] == pytest.approx(min(3.0, 1 + 0.5 + 0.25 + 0.25))
+
+
+def test_several_samples_per_record_give_one_pair_each(tmp_path):
+    from polyfast.eval.generate import load_predictions, load_samples
+    recs = [_rec(0), _rec(1)]
+    preds = {"r0": ["One try.", "Another try.", "One try. ", "Human answer."], "r1": "Single."}
+    pairs, counts = make_pairs(recs, preds)
+    assert [(p.id, p.rejected) for p in pairs] == [("r0", "One try."), ("r0", "Another try."),
+                                                    ("r1", "Single.")]
+    assert counts == {"kept": 3, "dropped_duplicate_sample": 1, "dropped_equal": 1}
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"id": "r0", "prediction": "a", "predictions": ["a", "b"]}) + "\n"
+                    + json.dumps({"id": "r1", "prediction": "c"}) + "\n")
+    assert load_samples(str(path)) == {"r0": ["a", "b"], "r1": ["c"]}
+    assert load_predictions(str(path)) == {"r0": "a", "r1": "c"}
+    path.write_text(json.dumps({"id": "r0", "prediction": "a", "predictions": ["a", 3]}) + "\n")
+    with pytest.raises(DataError, match=r"p.jsonl:1: 'predictions' must be a non-empty list"):
+        load_samples(str(path))
+
+
+def test_a_pairs_file_may_hold_several_pairs_of_a_record_but_not_the_same_pair_twice(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    row = {"id": "a", "question": "q?", "chosen": "Human.", "rejected": "One."}
+    path.write_text("\n".join(json.dumps(r) for r in (row, {**row, "rejected": "Two."}, row)))
+    with pytest.raises(DataError, match=r"pairs.jsonl:3: duplicate pair .* 'a' \(first at row 1\)"):
+        load_pairs(path)
+    path.write_text("\n".join(json.dumps(r) for r in (row, {**row, "rejected": "Two."})))
+    assert [p.rejected for p in load_pairs(path)] == ["One.", "Two."]

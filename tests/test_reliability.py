@@ -423,6 +423,18 @@ def test_non_finite_parameters_are_never_checkpointed_or_exported(tmp_path):
 # -- 6. disk full -------------------------------------------------------------------------------------
 
 
+def test_an_export_into_a_directory_that_does_not_exist_yet_creates_it(tmp_path):
+    from transformers import AutoModelForCausalLM
+    from polyfast.config import TinyModelConfig
+    from polyfast.model import tiny_config
+    tok = byte_tokenizer()
+    model = AutoModelForCausalLM.from_config(tiny_config(
+        TinyModelConfig(hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
+                        intermediate_size=32), tok))
+    out = ckpt_mod.export_pretrained(model, tok, str(tmp_path / "new" / "deeper" / "start"))
+    assert os.path.isfile(os.path.join(out, "model.safetensors"))
+
+
 def test_too_little_free_space_is_refused_before_writing(tmp_path, monkeypatch):
     tr = _trainer(tmp_path / "run", **{"train.max_steps": 2})
     monkeypatch.setattr(ckpt_mod, "_free_bytes", lambda path: 1000)

@@ -10,6 +10,10 @@ Modes: "bucket" (default) packs first-fit-decreasing within each bucket, so a pa
 buckets; "mixed" packs first-fit-decreasing over all examples; "none" is the padded baseline:
 ``batch_size`` examples per batch, one per row, padded to the longest (``attention_mask`` (B, L)).
 
+Preference groups (HDPO, ``data.groups``) use the same batch, and where a prompt is shared by
+several responses add ``kv_index`` (T_k,) with ``cu_seqlens_k`` / ``max_seqlen_k``: the keys each
+query segment attends to, gathered from the stream.
+
 Token weights make the step loss of METHOD.md section 2 independent of how examples are grouped:
 each response token of example i gets ``omega = m_i / T_i`` (m_i its mass: w_b for bucket
 weighting, 1 for example weighting; token weighting uses omega = 1, m_i = T_i). A micro-batch then
@@ -29,6 +33,9 @@ from .tokenize import Example
 PACKINGS = ("bucket", "mixed", "none")
 WEIGHTINGS = ("bucket", "example", "token")
 IGNORE_INDEX = -100
+# the keyword that carries a batch's key gather index from ``model.model(...)`` to the attention
+# function (transformers forwards unknown keywords to it untouched)
+KV_INDEX = "polyfast_kv_index"
 
 
 def _first_fit_decreasing(items: Sequence, capacity: int, tie=lambda e: e.record_id) -> list[list]:
@@ -122,6 +129,11 @@ class Batch:
     cu_seqlens: torch.Tensor | None = None
     max_seqlen: int = 0
     attention_mask: torch.Tensor | None = None
+    # keys other than the queries (prefix-shared groups, see data.groups): the stream positions
+    # of every segment's keys, their segments and the longest
+    kv_index: torch.Tensor | None = None
+    cu_seqlens_k: torch.Tensor | None = None
+    max_seqlen_k: int = 0
 
     @property
     def packed(self) -> bool:
@@ -130,7 +142,7 @@ class Batch:
     def to(self, device) -> "Batch":
         out = Batch(**self.__dict__)
         for name in ("input_ids", "position_ids", "labels", "token_weights", "bucket_ids",
-                     "cu_seqlens", "attention_mask"):
+                     "cu_seqlens", "attention_mask", "kv_index", "cu_seqlens_k"):
             t = getattr(self, name)
             if t is not None:
                 setattr(out, name, to_device(t, device))
@@ -138,6 +150,11 @@ class Batch:
 
     def model_inputs(self) -> dict:
         """Keyword arguments of ``model.model(...)`` for this batch."""
+        if self.kv_index is not None:
+            return dict(input_ids=self.input_ids, position_ids=self.position_ids,
+                        cu_seq_lens_q=self.cu_seqlens, cu_seq_lens_k=self.cu_seqlens_k,
+                        max_length_q=self.max_seqlen, max_length_k=self.max_seqlen_k,
+                        **{KV_INDEX: self.kv_index})
         if self.packed:
             return dict(input_ids=self.input_ids, position_ids=self.position_ids,
                         cu_seq_lens_q=self.cu_seqlens, cu_seq_lens_k=self.cu_seqlens,
@@ -193,51 +210,3 @@ def packing_efficiency(packs: Sequence[Sequence[Example]], max_tokens: int, pack
     else:
         slots = len(packs) * max_tokens
     return real / max(slots, 1)
-
-
-# ---------------------------------------------------------------------------------------------
-# preference pairs: a pair's chosen and rejected sides always share a pack
-
-
-@dataclass(frozen=True)
-class PairExample:
-    chosen: Example
-    rejected: Example
-    index: int                 # position in the trainer's pair list
-
-    @property
-    def bucket(self) -> str:
-        return self.chosen.bucket
-
-    @property
-    def record_id(self) -> str:
-        return self.chosen.record_id
-
-    def __len__(self) -> int:
-        return len(self.chosen) + len(self.rejected)
-
-
-def pack_pairs(pairs: Sequence[PairExample], max_tokens: int, seed: int | None = None,
-               packing: str = "bucket") -> list[list[PairExample]]:
-    """First-fit-decreasing of whole pairs, per bucket ("bucket") or across buckets ("mixed")."""
-    groups: dict[str, list[PairExample]] = {}
-    for p in pairs:
-        groups.setdefault(p.bucket if packing == "bucket" else "", []).append(p)
-    packs = [p for key in sorted(groups)
-             for p in _first_fit_decreasing(groups[key], max_tokens, tie=lambda p: p.index)]
-    if seed is not None:
-        random.Random(seed).shuffle(packs)
-    return packs
-
-
-def collate_pairs(pack: Sequence[PairExample], bucket_names: Sequence[str]) -> tuple[Batch, torch.Tensor]:
-    """A packed batch of [chosen_0, rejected_0, chosen_1, ...] and its segment ids (T,) aligned with
-    the labels: 2k on pair k's chosen response tokens, 2k + 1 on its rejected ones, -1 elsewhere."""
-    examples = [e for p in pack for e in (p.chosen, p.rejected)]
-    batch = collate(examples, bucket_names, weighting="example")
-    seg = torch.full((batch.num_tokens,), -1, dtype=torch.long)
-    start = 0
-    for k, ex in enumerate(examples):
-        seg[start + ex.n_prompt: start + len(ex)] = k
-        start += len(ex)
-    return batch, seg

@@ -93,8 +93,11 @@ def load_pairs(path: str | os.PathLike, *, skip_bad_rows: bool = False,
                legacy_tokens: bool = False) -> list[PreferencePair]:
     """Read preference pairs (polyfast JSONL or the authors' HDPO export); bad rows raise DataError
     naming file and row (or are skipped and counted with ``skip_bad_rows``)."""
+    # a record may have several pairs (one per sampled response), each rejected side once
     return read_rows(path, lambda row, default_id: _parse_pair(row, default_id, legacy_tokens),
-                     skip_bad_rows=skip_bad_rows, kind="pairs")[0]
+                     skip_bad_rows=skip_bad_rows, kind="pairs",
+                     unique=("pair (the same rejected side) of id",
+                             lambda p: (p.id, p.rejected)))[0]
 
 
 def save_pairs(pairs: Iterable[PreferencePair], path: str) -> None:
@@ -103,21 +106,31 @@ def save_pairs(pairs: Iterable[PreferencePair], path: str) -> None:
             f.write(json.dumps(p.to_json(), ensure_ascii=False) + "\n")
 
 
-def make_pairs(records: Sequence[Record], predictions: dict[str, str],
+def make_pairs(records: Sequence[Record], predictions: dict[str, str | list[str]],
                pair_type: str = "distribution") -> tuple[list[PreferencePair], Counter]:
-    """chosen = the human response, rejected = the prediction for the same record id.
+    """chosen = the human response, rejected = the prediction for the same record id; a list of
+    predictions (several samples) gives one pair per sample, pairs that share their prompt.
 
     Drops (and counts) a pair whose record has no prediction, or either side of which is empty, or
-    whose sides are equal (after stripping whitespace).
+    whose sides are equal, or whose rejected side repeats an earlier sample of the record (all
+    compared after stripping whitespace).
     """
     pairs, counts = [], Counter()
     for rec in records:
-        pred = predictions.get(rec.id)
-        problem = "no_prediction" if pred is None else pair_problem(rec.response, pred)
-        if problem:
-            counts[f"dropped_{problem}"] += 1
-        else:
-            pairs.append(PreferencePair(rec, pred, pair_type=pair_type))
+        preds = predictions.get(rec.id)
+        if preds is None:
+            counts["dropped_no_prediction"] += 1
+            continue
+        seen = set()
+        for pred in [preds] if isinstance(preds, str) else preds:
+            problem = pair_problem(rec.response, pred)
+            if problem is None and pred.strip() in seen:
+                problem = "duplicate_sample"
+            seen.add(pred.strip())
+            if problem:
+                counts[f"dropped_{problem}"] += 1
+            else:
+                pairs.append(PreferencePair(rec, pred, pair_type=pair_type))
     counts["kept"] = len(pairs)
     return pairs, counts
 

@@ -299,9 +299,11 @@ def _reason(message: str) -> str:
     return re.sub(r"\d+|'[^']*'|\"[^\"]*\"", "#", message)[:80]
 
 
-def read_rows(path: str | os.PathLike, parse, *, skip_bad_rows: bool = False, kind: str = "records"):
+def read_rows(path: str | os.PathLike, parse, *, skip_bad_rows: bool = False, kind: str = "records",
+              unique=None):
     """Parse every row of a .jsonl/.json file with ``parse(row, default_id)`` (which raises
-    ValueError on a bad row) into items with an ``id``; duplicate ids are bad rows too.
+    ValueError on a bad row) into items with an ``id``; duplicates are bad rows too: items with the
+    same id, or with the same ``unique`` (name, key function) where several items may share an id.
     Returns (items, LoadReport); DataError names file and row unless ``skip_bad_rows``."""
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -311,12 +313,13 @@ def read_rows(path: str | os.PathLike, parse, *, skip_bad_rows: bool = False, ki
     stem = os.path.splitext(os.path.basename(path))[0]
     report = LoadReport(path)
     items, seen = [], {}
+    what, key = unique or ("id", lambda item: item.id)
     for row_no, row in _iter_rows(path, skip_bad_rows, report):
         report.rows += 1
         try:
             item = parse(row, f"{stem}:{row_no}")
-            if item.id in seen:
-                raise ValueError(f"duplicate id {item.id!r} (first at row {seen[item.id]})")
+            if key(item) in seen:
+                raise ValueError(f"duplicate {what} {item.id!r} (first at row {seen[key(item)]})")
         except ValueError as e:
             if not skip_bad_rows:
                 raise DataError(str(e), path, row_no) from None
@@ -324,7 +327,7 @@ def read_rows(path: str | os.PathLike, parse, *, skip_bad_rows: bool = False, ki
             if len(report.first_errors) < 5:
                 report.first_errors.append(f"{path}:{row_no}: {e}")
             continue
-        seen[item.id] = row_no
+        seen[key(item)] = row_no
         items.append(item)
     report.kept = len(items)
     if not items:

@@ -1,7 +1,9 @@
 """Batched generation with a KV cache from an exported checkpoint (transformers' ``generate``).
 
 Prompts are the records' chat prompts (with or without the profile system prompt), left-padded and
-grouped by length; output rows keep the record id and bucket.
+grouped by length; output rows keep the record id and bucket. ``num_samples`` K > 1 samples K
+responses per prompt (``do_sample``): the row's ``predictions`` holds all K, ``prediction`` the
+first (what evaluation reads); ``polyfast pairs`` turns them into K pairs that share the prompt.
 """
 
 from __future__ import annotations
@@ -27,6 +29,15 @@ class GenerationConfig:
     batch_size: int = 16
     system: str = "profile"      # profile | record | none
     seed: int = 0
+    num_samples: int = 1         # responses per prompt (more than one needs do_sample)
+
+    def __post_init__(self):
+        from ..errors import ConfigError
+        if self.num_samples < 1:
+            raise ConfigError("num_samples", f"must be >= 1, got {self.num_samples}")
+        if self.num_samples > 1 and not self.do_sample:
+            raise ConfigError("num_samples", "several responses per prompt need sampling "
+                              "(--sample): greedy decoding gives the same response each time")
 
 
 def load_for_generation(path: str, device: str | torch.device = "cpu", key: str = "--model"):
@@ -44,7 +55,8 @@ def load_for_generation(path: str, device: str | torch.device = "cpu", key: str 
 @torch.no_grad()
 def generate(model, tokenizer, records: Sequence[Record], cfg: GenerationConfig = GenerationConfig(),
              progress: bool = True) -> list[dict]:
-    """One row per record: {"id", "bucket_id", "prediction", "prompt_tokens", "new_tokens"}."""
+    """One row per record: {"id", "bucket_id", "prediction", "prompt_tokens", "new_tokens"}, and
+    with ``cfg.num_samples`` K > 1 "predictions" (K strings) and "new_tokens" for each."""
     from ..model import set_packed
 
     set_packed(model, False)
@@ -65,18 +77,25 @@ def generate(model, tokenizer, records: Sequence[Record], cfg: GenerationConfig 
         mask = torch.tensor([[0] * (L - len(encoded[i])) + [1] * len(encoded[i]) for i in idx],
                             device=device)
         kwargs = dict(max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample,
-                      eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)
+                      eos_token_id=tokenizer.eos_token_id, pad_token_id=pad,
+                      num_return_sequences=cfg.num_samples)
         if cfg.do_sample:
             kwargs.update(temperature=cfg.temperature, top_p=cfg.top_p)
-        gen = model.generate(input_ids=ids, attention_mask=mask, **kwargs)[:, L:]
-        for row, i in zip(gen.tolist(), idx):
-            if tokenizer.eos_token_id in row:
-                row = row[:row.index(tokenizer.eos_token_id)]
-            row = [t for t in row if t != pad]
+        gen = model.generate(input_ids=ids, attention_mask=mask, **kwargs)[:, L:]  # (B*K, new)
+        K = cfg.num_samples
+        for n, i in enumerate(idx):
+            texts, lengths = [], []
+            for row in gen[n * K:(n + 1) * K].tolist():  # the K samples of prompt i, in order
+                if tokenizer.eos_token_id in row:
+                    row = row[:row.index(tokenizer.eos_token_id)]
+                row = [t for t in row if t != pad]
+                texts.append(tokenizer.decode(row, skip_special_tokens=True))
+                lengths.append(len(row))
             rec = records[i]
-            out[i] = {"id": rec.id, "bucket_id": rec.bucket_id,
-                      "prediction": tokenizer.decode(row, skip_special_tokens=True),
-                      "prompt_tokens": len(encoded[i]), "new_tokens": len(row)}
+            out[i] = {"id": rec.id, "bucket_id": rec.bucket_id, "prediction": texts[0],
+                      "prompt_tokens": len(encoded[i]), "new_tokens": lengths[0]}
+            if K > 1:
+                out[i].update(predictions=texts, new_tokens=lengths)
         bar.update(len(idx))
     bar.close()
     return out
@@ -89,15 +108,16 @@ def save_predictions(rows: Sequence[dict], path: str) -> None:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
-def load_predictions(path: str) -> dict[str, str]:
-    """id -> prediction from a predictions JSONL file; a row that is not {"id", "prediction": str}
-    or repeats an id is a DataError naming the row."""
+def _prediction_rows(path: str):
+    """(row number, id, row) of a predictions JSONL file; a row without {"id", "prediction": str}
+    (and, if present, "predictions": a list of strings), or that repeats an id, is a DataError
+    naming the row."""
     from ..errors import DataError
 
     if not os.path.isfile(path):
         raise DataError("is a directory, not a predictions file" if os.path.isdir(path)
                         else "no such file", path)
-    preds, rows = {}, {}
+    rows = {}
     with open(path, "rb") as f:
         for n, raw in enumerate(f, start=1):
             if not raw.strip():
@@ -111,7 +131,23 @@ def load_predictions(path: str) -> dict[str, str]:
                 raise DataError(f"not a prediction row ({e})", path, n) from None
             if not isinstance(pred, str):
                 raise DataError(f"'prediction' must be a string, got {type(pred).__name__}", path, n)
+            many = row.get("predictions")
+            if many is not None and not (isinstance(many, list) and many
+                                         and all(isinstance(x, str) for x in many)):
+                raise DataError("'predictions' must be a non-empty list of strings", path, n)
             if key in rows:
                 raise DataError(f"duplicate id {key!r} (first at row {rows[key]})", path, n)
-            preds[key], rows[key] = pred, n
-    return preds
+            rows[key] = n
+            yield n, key, row
+
+
+def load_predictions(path: str) -> dict[str, str]:
+    """id -> prediction (the first sample where a row holds several) from a predictions JSONL
+    file; bad rows are DataErrors naming the row."""
+    return {key: row["prediction"] for _, key, row in _prediction_rows(path)}
+
+
+def load_samples(path: str) -> dict[str, list[str]]:
+    """id -> every response of the row ("predictions", else ["prediction"])."""
+    return {key: row.get("predictions") or [row["prediction"]]
+            for _, key, row in _prediction_rows(path)}

@@ -363,6 +363,7 @@ def export_pretrained(model, tokenizer, out_dir: str) -> str:
     """save_pretrained + tokenizer, atomically, in a layout transformers and vLLM load as is."""
     tmp = out_dir.rstrip("/") + ".tmp"
     where = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(where, exist_ok=True)  # (its free space is asked for next)
     shutil.rmtree(tmp, ignore_errors=True)
     need = _local_bytes(model.state_dict()) + MiB
     kept = (f"the previous export {out_dir} is intact" if os.path.exists(out_dir)

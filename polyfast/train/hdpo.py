@@ -1,19 +1,21 @@
 """HDPO: DPO against the frozen starting checkpoint, regularised by a critic's distance to the
 bucket's human support (METHOD.md section 5).
 
-A pack holds whole pairs (chosen and rejected side by side, packed per bucket). One
-``joint_logprobs`` call per pack gives the per-segment log-prob sums of the policy, the frozen
-reference (unless precomputed) and the LM critic (with ``distance: lm``); only the policy gets a
-backward graph. The step's loss is ``hdpo_loss`` with the step's total pair weight and pair count,
-so micro-batching does not change it.
+Pairs that share a prompt form a group (``data.groups``): the prompt and its responses, laid out
+with the prompt once (``hdpo.prefix_sharing``, default) or once per response; packs hold whole
+groups, per bucket. One ``joint_logprobs`` call per pack gives the per-response log-prob sums of
+the policy, the frozen reference (unless precomputed) and the LM critic (with ``distance: lm``);
+only the policy gets a backward graph. Each pair reads its two responses' sums. The step's loss
+is ``hdpo_loss`` with the step's total pair weight and pair count, so micro-batching does not
+change it.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
-from collections import Counter
 
 import numpy as np
 import torch
@@ -22,37 +24,18 @@ from safetensors.torch import load_file, save_file
 from ..config import HDPOConfig
 from ..critic import FEATURE_NAMES, References, feature_matrix
 from ..data import load_pairs, load_tokenizer
-from ..data.packing import PairExample, collate_pairs, pack_pairs, to_device
+from ..data.groups import GroupExample, collate_groups, encode_groups, pack_groups
+from ..data.packing import to_device
 from ..data.pairs import PreferencePair, describe_counts, usable_pairs
-from ..data.tokenize import encode_record, fit_length
 from ..errors import ConfigError
 from ..kernels import joint_logprobs
-from ..losses import hdpo_loss, shift_left
+from ..losses import hdpo_loss
 from ..model import TrunkHead, head_weight, hidden_states, load_model, logit_softcap
 from .base import Trainer
 from .distributed import shard_model
 
 log = logging.getLogger("polyfast")
 METRICS = ("rewards_chosen", "rewards_rejected", "accuracy", "margin", "dist_reg", "anchor")
-
-
-def encode_pairs(tokenizer, pairs: list[PreferencePair], system: str, max_tokens: int,
-                 overlong: str) -> tuple[list[PairExample], Counter]:
-    """Tokenise both sides of every pair; each side must fit half a pack."""
-    import dataclasses
-    out, counts = [], Counter()
-    for i, p in enumerate(pairs):
-        c = encode_record(tokenizer, p.record, system=system, weight=p.weight)
-        r = encode_record(tokenizer, dataclasses.replace(p.record, response=p.rejected),
-                          system=system, weight=p.weight)
-        c, r = fit_length(c, max_tokens // 2, overlong), fit_length(r, max_tokens // 2, overlong)
-        if c is None or r is None:
-            counts["dropped_overlong"] += 1
-            continue
-        counts["truncated_prompt"] += bool(c.truncated or r.truncated)
-        out.append(PairExample(c, r, i))
-    counts["kept"] = len(out)
-    return out, counts
 
 
 def _frozen(model_cfg, path: str, tokenizer, device):
@@ -90,11 +73,13 @@ class HDPOTrainer(Trainer):
             raise ConfigError("data.pairs", f"no usable pair in {d.pairs or 'the pairs given'} "
                               f"({describe_counts(dropped)})")
         self.pairs, self.val_pairs = pairs, val_pairs
-        self.examples, self.counts = encode_pairs(tokenizer, self.pairs, d.system_prompt,
-                                                  d.max_tokens, d.overlong)
+        encode = functools.partial(encode_groups, tokenizer, system=d.system_prompt,
+                                   max_tokens=d.max_tokens, overlong=d.overlong,
+                                   shared=h.prefix_sharing)
+        # groups: the pairs of one prompt, laid out with the prompt once (hdpo.prefix_sharing)
+        self.examples, self.counts = encode(self.pairs)
         self.counts.update(dropped)
-        self.val_examples, _ = encode_pairs(tokenizer, self.val_pairs, d.system_prompt,
-                                            d.max_tokens, d.overlong)
+        self.val_examples, _ = encode(self.val_pairs)
         if not self.examples:
             raise ConfigError("data.max_tokens", "no pair fits its pack")
         self.bucket_names = sorted({p.bucket_id for p in self.pairs + self.val_pairs})
@@ -156,7 +141,7 @@ class HDPOTrainer(Trainer):
         # lm: the critic's mean NLL band over the human (chosen) side of the TRAIN pairs
         if not hasattr(self, "_lm_refs"):
             from ..critic import response_logprobs
-            human = [self.pairs[e.index].record for e in self.examples]  # the pairs that fit
+            human = self._human_records([i for g in self.examples for i, _, _ in g.pairs])
             lps = response_logprobs(self.critic, self.tokenizer, human,
                                     system=self.cfg.data.system_prompt,
                                     max_tokens=self.cfg.data.max_tokens // 2)
@@ -168,28 +153,36 @@ class HDPOTrainer(Trainer):
         scale = torch.tensor([max(b["q90"][0] - b["q10"][0], b["std"][0], 1e-6) for b in bands])
         return q10, q90, scale
 
+    def _human_records(self, indices):
+        """The distinct human responses of these pairs (the K pairs of a record with K sampled
+        responses hold its human response once), for the bands of the human support."""
+        seen = {}
+        for i in indices:
+            r = self.pairs[i].record
+            seen.setdefault((r.id, r.bucket_id, r.prompt, r.response), r)
+        return list(seen.values())
+
     def _feature_refs(self) -> References:
         if not hasattr(self, "_frefs"):
             h = self.cfg.hdpo
             if h.references:
                 self._frefs = References.load(h.references)
             else:  # the human side of the TRAIN pairs
-                recs = [p.record for p in self.pairs]
+                recs = self._human_records(range(len(self.pairs)))
                 self._frefs = References.build(recs, feature_matrix(r.response for r in recs),
                                                FEATURE_NAMES, h.min_bucket_size)
         return self._frefs
 
     # -- reference log-probs, cached on disk ---------------------------------------------------
-    def _reference_logps(self, examples: list[PairExample], n_pairs: int) -> torch.Tensor:
+    def _reference_logps(self, examples: list[GroupExample], n_pairs: int) -> torch.Tensor:
         """(n_pairs, 2) reference log-prob sums by pair index (0 for pairs that did not fit),
         computed once and cached under run_dir, keyed by the pairs' tokens and the reference
         checkpoint."""
         if not examples:
             return torch.zeros(n_pairs, 2)
         digest = hashlib.sha256(b"rows by pair index")  # the layout of the cached tensor
-        for e in examples:
-            digest.update(repr((e.chosen.input_ids, e.chosen.n_prompt, e.rejected.input_ids,
-                                e.rejected.n_prompt)).encode())
+        for g in examples:  # the log-probs depend on the tokens, not on the layout
+            digest.update(repr((g.prompt, g.responses, g.pairs)).encode())
         for name in sorted(os.listdir(self.cfg.model.path)):
             if name.endswith(".safetensors"):
                 st = os.stat(os.path.join(self.cfg.model.path, name))
@@ -207,9 +200,10 @@ class HDPOTrainer(Trainer):
                         path, n_pairs, cached if isinstance(cached, Exception) else "bad values")
         out = torch.zeros(n_pairs, 2)
         with torch.no_grad():
-            for pack in pack_pairs(examples, self.cfg.data.max_tokens):
-                sums, _ = self._logps(pack, [self.reference], [False])
-                out[[p.index for p in pack]] = sums[0].float().cpu().view(-1, 2)  # (P, 2)
+            for pack in pack_groups(examples, self.cfg.data.max_tokens):
+                sums, _, sc = self._logps(pack, [self.reference], [False])
+                sides = torch.stack([sums[0, sc.chosen], sums[0, sc.rejected]], 1)  # (P, 2)
+                out[sc.pair_index] = sides.float().cpu()
         if self.dist.main:  # every rank computed the same values (a sharded reference needs all)
             os.makedirs(self.cfg.run_dir, exist_ok=True)
             tmp = f"{path}.{os.getpid()}.tmp"  # another run may be writing the same cache
@@ -221,7 +215,7 @@ class HDPOTrainer(Trainer):
 
     # -- packs and the step ---------------------------------------------------------------------
     def make_packs(self, seed: int):
-        return pack_pairs(self.examples, self.cfg.data.max_tokens, seed=seed)
+        return pack_groups(self.examples, self.cfg.data.max_tokens, seed=seed)
 
     def _runner(self, model):
         """The TrunkHead that runs ``model`` (the policy's, or a frozen model's own)."""
@@ -232,23 +226,23 @@ class HDPOTrainer(Trainer):
         return self._frozen_runners[id(model)]
 
     def _logps(self, pack, models, grads):
-        """Per-segment log-prob sums (M, 2P) of ``models`` over a pack and the segments' token
-        counts (2P,). Each model runs through its TrunkHead, so a sharded model is gathered while
-        the kernel reads its head. Replicated frozen models join models[0]'s ``joint_logprobs``
-        launch; sharded ones gather their own weights, one launch each."""
-        batch, seg = collate_pairs(pack, self.bucket_names)
-        batch, seg = batch.to(self.device), to_device(seg, self.device)
-        targets = shift_left(batch.labels, -100)[0]
-        seg = shift_left(seg[None], -1)[0]
+        """Per-response log-prob sums (M, S) of ``models`` over a pack of groups, the responses'
+        token counts (S,) and the pack's :class:`Scoring` (which responses each pair compares).
+        Each model runs through its TrunkHead, so a sharded model is gathered while the kernel
+        reads its head. Only the hidden rows that predict response tokens reach the kernel (a
+        shared prompt's last row once per response). Replicated frozen models join models[0]'s
+        ``joint_logprobs`` launch; sharded ones gather their own weights, one launch each."""
+        batch, sc = collate_groups(pack, self.bucket_names)
+        batch, sc = batch.to(self.device), sc.to(self.device)
 
         def joint(ms, gs):  # the runner hands over models[0]'s hidden states and head weight
             def fn(first_hidden, first_weight):
-                hiddens, weights = [first_hidden], [first_weight]
+                hiddens, weights = [first_hidden.index_select(0, sc.rows)], [first_weight]
                 for m in ms[1:]:  # (inside the runner's autocast)
                     with torch.no_grad():
-                        hiddens.append(hidden_states(m, batch))
+                        hiddens.append(hidden_states(m, batch).index_select(0, sc.rows))
                     weights.append(head_weight(m))
-                return joint_logprobs(hiddens, weights, targets, seg, 2 * len(pack),
+                return joint_logprobs(hiddens, weights, sc.targets, sc.segments, sc.num_segments,
                                       softcaps=[logit_softcap(m) for m in ms], requires_grad=gs,
                                       backend=self.cfg.hdpo.loss_backend)
             return fn
@@ -260,8 +254,8 @@ class HDPOTrainer(Trainer):
             with torch.set_grad_enabled(gs[0]):
                 out.append(self._runner(ms[0])(batch, joint(ms, gs), self.autocast))
         if len(out) == 1:
-            return out[0]
-        return torch.cat([sums for sums, _ in out]), out[0][1]
+            return (*out[0], sc)
+        return torch.cat([sums for sums, _ in out]), out[0][1], sc
 
     def _pack_loss(self, pack, split: str, weight_sum, num_pairs, train: bool):
         h = self.cfg.hdpo
@@ -272,30 +266,32 @@ class HDPOTrainer(Trainer):
         if self.critic is not None and self.critic is not self.reference:
             models.append(self.critic)  # (a critic that is the live reference reuses its row)
             grads.append(False)
-        sums, counts = self._logps(pack, models, grads)
-        rows = to_device(self.tables[split][[p.index for p in pack]], self.device)  # (P, C)
+        sums, counts, sc = self._logps(pack, models, grads)  # (M, S) per response, (S,)
+        rows = to_device(self.tables[split][sc.pair_index], self.device)  # (P, C)
         w, rows = rows[:, 0], rows[:, 1:]
-        pc, pr = sums[0, 0::2], sums[0, 1::2]
+        c, r = sc.chosen, sc.rejected  # (P,) each pair's two responses
+        pc, pr = sums[0, c], sums[0, r]
         if self.reference is not None:
-            rc, rr = sums[1, 0::2], sums[1, 1::2]
+            rc, rr = sums[1, c], sums[1, r]
         else:
             rc, rr = rows[:, -2], rows[:, -1]
         if h.distance == "lm":
-            nll = -sums[-1] / counts.clamp(min=1)  # (2P,) the critic's mean NLL per side
+            nll = -sums[-1] / counts.clamp(min=1)  # (S,) the critic's mean NLL per response
             q10, q90, scale = rows[:, 0], rows[:, 1], rows[:, 2]
             band = lambda x: (torch.relu(q10 - x) + torch.relu(x - q90)) / scale  # noqa: E731
-            dc, dr = band(nll[0::2]), band(nll[1::2])
+            dc, dr = band(nll[c]), band(nll[r])
         else:
             dc, dr = rows[:, 0], rows[:, 1]
-        return hdpo_loss(pc, pr, rc, rr, dc, dr, w, counts[0::2], beta=h.beta,
+        return hdpo_loss(pc, pr, rc, rr, dc, dr, w, counts[c], beta=h.beta,
                          reg_lambda=h.reg_lambda, ftx=h.ftx, label_smoothing=h.label_smoothing,
                          weight_sum=weight_sum, num_pairs=num_pairs)
 
     def forward_backward(self, packs, step_packs=None) -> dict:
         self.model.train()
         step_packs = step_packs or packs  # the step's totals span all ranks' packs
-        weight_sum = sum(self.pairs[p.index].weight for pack in step_packs for p in pack)
-        num_pairs = sum(len(pack) for pack in step_packs)
+        pairs = [i for pack in step_packs for g in pack for i, _, _ in g.pairs]
+        weight_sum = sum(self.pairs[i].weight for i in pairs)
+        num_pairs = len(pairs)
         loss_total = torch.zeros((), device=self.device)
         per_pair = {k: [] for k in METRICS}
         buckets = []
@@ -305,7 +301,7 @@ class HDPOTrainer(Trainer):
             loss_total += loss.detach()
             for k in METRICS:
                 per_pair[k].append(m[k])
-            buckets += [p.bucket for p in pack]
+            buckets += [g.bucket for g in pack for _ in g.pairs]
         return {"loss": loss_total, "buckets": buckets,
                 **{k: torch.cat(v) for k, v in per_pair.items()}}
 
@@ -320,17 +316,20 @@ class HDPOTrainer(Trainer):
         self.model.eval()
         per_pair = {k: [] for k in METRICS}
         buckets = []
-        for pack in pack_pairs(self.val_examples, self.cfg.data.max_tokens):
+        for pack in pack_groups(self.val_examples, self.cfg.data.max_tokens):
             _, m = self._pack_loss(pack, "val", None, None, train=False)
             for k in METRICS:
                 per_pair[k].append(m[k])
-            buckets += [p.bucket for p in pack]
+            buckets += [g.bucket for g in pack for _ in g.pairs]
         return _summarise({k: torch.cat(v) for k, v in per_pair.items()}, buckets)
 
     def start_row(self) -> dict:
         return {"pairs": len(self.pairs), "val_pairs": len(self.val_pairs),
                 "packs_per_epoch": len(self._packs(0)), "counts": dict(self.counts),
-                "distance": self.cfg.hdpo.distance, "reference": self.cfg.hdpo.reference}
+                "distance": self.cfg.hdpo.distance, "reference": self.cfg.hdpo.reference,
+                "prefix_sharing": self.cfg.hdpo.prefix_sharing,
+                "tokens_per_epoch": sum(g.computed_tokens for g in self.examples),
+                "pair_tokens_per_epoch": sum(g.pair_tokens for g in self.examples)}
 
 
 def _summarise(out: dict, buckets: list[str]) -> dict:
