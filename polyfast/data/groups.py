@@ -105,7 +105,7 @@ def encode_groups(tokenizer, pairs: Sequence[PreferencePair], *, system: str, ma
         raise ValueError(f"overlong must be truncate_left or drop, got {overlong!r}")
     half = max_tokens // 2
     counts: Counter = Counter()
-    members: dict[tuple, list] = {}   # (bucket, prompt) -> [(pair index, chosen, rejected, cut)]
+    members: dict[tuple, list] = {}   # (bucket, cut prompt) -> [(i, chosen, rejected, cut, id)]
     for i, p in enumerate(pairs):
         c = encode_record(tokenizer, p.record, system=system)
         r = encode_record(tokenizer, dataclasses.replace(p.record, response=p.rejected),
@@ -128,28 +128,25 @@ def encode_groups(tokenizer, pairs: Sequence[PreferencePair], *, system: str, ma
 
 
 def _split(prompt, items, bucket: str, max_tokens: int, shared: bool) -> list[GroupExample]:
-    """The pairs of one prompt as groups that each fit ``max_tokens`` unshared."""
-    out, responses, index, pairs = [], [], {}, []
-
-    def flush():
-        if pairs:
-            first = items[[x[0] for x in items].index(pairs[0][0])]
-            out.append(GroupExample(prompt, tuple(responses), tuple(pairs), bucket, first[4],
-                                    shared, first[3]))
-
-    for i, chosen, rejected, _, _ in items:
-        new = [x for x in dict.fromkeys((chosen, rejected)) if x not in index]
-        size = sum(len(prompt) + len(x) for x in responses + new)  # unshared
-        if pairs and size > max_tokens:
-            flush()
-            responses, index, pairs = [], {}, []
-            new = list(dict.fromkeys((chosen, rejected)))
-        for x in new:
-            index[x] = len(responses)
-            responses.append(x)
-        pairs.append((i, index[chosen], index[rejected]))
-    flush()
-    return out
+    """The pairs of one prompt (``items``: pair index, chosen, rejected, cut, record id) as groups
+    that each fit ``max_tokens`` unshared, each distinct response once per group."""
+    out, chunk = [], []
+    for item in items:
+        sides = set(item[1:3])
+        held = {x for c in chunk for x in c[1:3]}
+        if chunk and sum(len(prompt) + len(x) for x in held | sides) > max_tokens:
+            out.append(chunk)
+            chunk = []
+        chunk.append(item)
+    out.append(chunk)
+    groups = []
+    for chunk in out:
+        responses = list(dict.fromkeys(x for c in chunk for x in c[1:3]))  # first-seen order
+        at = {x: k for k, x in enumerate(responses)}
+        groups.append(GroupExample(prompt, tuple(responses),
+                                   tuple((i, at[c], at[r]) for i, c, r, _, _ in chunk), bucket,
+                                   record_id=chunk[0][4], shared=shared, truncated=chunk[0][3]))
+    return groups
 
 
 def pack_groups(groups: Sequence[GroupExample], max_tokens: int, seed: int | None = None,
