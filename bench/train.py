@@ -2,8 +2,8 @@
 
     python -m bench.train                                  # CPU: the demo model on the demo data
     python -m bench.train --model qwen2.5-1.5b --max-tokens 8192 --steps 8    # a GPU
-    python -m bench.train --mode hdpo --data sample --max-tokens 4096 --steps 0   # prefix sharing,
-                                                           # one epoch on the authors' sample
+    python -m bench.train --mode hdpo --data sample --limit 600 --max-tokens 4096 --steps 0
+                                  # prefix sharing: one epoch on 600 records of the authors' sample
 
 Five modes, each in a fresh process (so that peak memory is its own), same init, same data:
 
@@ -20,7 +20,8 @@ The HDPO modes start from the same random-init checkpoint (written once) and tra
 rejected side is the human response with its words reversed; distances are the text-feature band
 distance (computed once, before timing). ``--data demo`` (default) uses the built-in records
 (``--scale`` copies), ``--data sample`` the authors' released sample (``$POLYFAST_SAMPLE`` or
-``../shared/data/polyalign_sample`` beside the checkout), ``--per-bucket`` records of each bucket.
+``../shared/data/polyalign_sample`` beside the checkout): ``--limit`` a seeded random subset of its
+records, ``--per-bucket`` at most that many of each bucket.
 The first ``--warmup`` steps are not timed; ``--steps 0`` times one whole epoch of packs.
 
 Reported: tokens/s of real tokens (no padding), step time, peak memory (CUDA: max allocated; CPU:
@@ -80,7 +81,7 @@ def sample_dir() -> str:
 
 def _records(args):
     """The benchmark's records: the demo's train records ``--scale`` times (copies get new ids),
-    or ``--per-bucket`` records of each bucket of the authors' sample."""
+    or the authors' sample (``--limit``, ``--per-bucket``)."""
     import dataclasses
 
     from polyfast.data import demo_records, load_records
