@@ -192,7 +192,7 @@ def collate_groups(pack: Sequence[GroupExample], bucket_names: Sequence[str]
     index = {b: i for i, b in enumerate(bucket_names)}
     ids, pos, lab, bucket = [], [], [], []         # per stream piece
     q_lens, k_index, k_lens = [], [], []           # per attention segment
-    rows, targets, segs = [], [], []               # per response
+    rows = []                                      # per response
     chosen, rejected, pair_index = [], [], []
     sharing = False
     start, n_seg = 0, 0
@@ -224,8 +224,6 @@ def collate_groups(pack: Sequence[GroupExample], bucket_names: Sequence[str]
             r0 = piece(r, P, False, b)
             # the row before each response token: the last prompt row, then its own tokens
             rows.append(torch.cat([torch.tensor([p0 + P - 1]), torch.arange(r0, r0 + len(r) - 1)]))
-            targets.append(torch.tensor(r, dtype=torch.long))
-            segs.append(torch.full((len(r),), n_seg))
             n_seg += 1
             if g.shared and j > 0:  # queries r_j; keys the prompt's, then r_j's own
                 q_lens.append(len(r))
@@ -238,25 +236,28 @@ def collate_groups(pack: Sequence[GroupExample], bucket_names: Sequence[str]
             chosen.append(first + c)
             rejected.append(first + r)
             pair_index.append(i)
-    cu = torch.zeros(len(q_lens) + 1, dtype=torch.int32)
-    cu[1:] = torch.tensor(q_lens).cumsum(0)
-    ids_t = torch.cat(ids)
-    labels = torch.cat(lab)
+    ids_t, labels = torch.cat(ids), torch.cat(lab)
+    response = labels != IGNORE_INDEX  # (T,) the response tokens, responses in pack order
     n_resp = torch.tensor([len(r) for g in pack for r in g.responses])
-    weights = torch.repeat_interleave(1.0 / n_resp.clamp(min=1).float(), n_resp)
     token_weights = torch.zeros(len(ids_t))
-    token_weights[labels != IGNORE_INDEX] = weights  # 1 / R_j on each response's tokens
+    token_weights[response] = torch.repeat_interleave(1.0 / n_resp.float(), n_resp)  # 1 / R_j
     batch = Batch(input_ids=ids_t[None], position_ids=torch.cat(pos)[None], labels=labels[None],
                   token_weights=token_weights, bucket_ids=torch.cat(bucket),
                   bucket_names=list(bucket_names), mass=float(len(pair_index)),
-                  num_examples=len(q_lens), num_tokens=len(ids_t), cu_seqlens=cu,
+                  num_examples=len(q_lens), num_tokens=len(ids_t), cu_seqlens=_offsets(q_lens),
                   max_seqlen=max(q_lens))
     if sharing:
-        kv = torch.cat(k_index)
-        cu_k = torch.zeros(len(k_lens) + 1, dtype=torch.int32)
-        cu_k[1:] = torch.tensor(k_lens).cumsum(0)
-        batch.kv_index, batch.cu_seqlens_k, batch.max_seqlen_k = kv, cu_k, max(k_lens)
-    scoring = Scoring(rows=torch.cat(rows), targets=torch.cat(targets), segments=torch.cat(segs),
+        batch.kv_index, batch.cu_seqlens_k = torch.cat(k_index), _offsets(k_lens)
+        batch.max_seqlen_k = max(k_lens)
+    scoring = Scoring(rows=torch.cat(rows), targets=labels[response],
+                      segments=torch.repeat_interleave(torch.arange(n_seg), n_resp),
                       num_segments=n_seg, chosen=torch.tensor(chosen),
                       rejected=torch.tensor(rejected), pair_index=pair_index)
     return batch, scoring
+
+
+def _offsets(lengths: list[int]) -> torch.Tensor:
+    # (len + 1,) int32: 0 and the running sums, the cu_seqlens of segments of these lengths
+    out = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    out[1:] = torch.tensor(lengths).cumsum(0)
+    return out

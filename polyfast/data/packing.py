@@ -150,15 +150,14 @@ class Batch:
 
     def model_inputs(self) -> dict:
         """Keyword arguments of ``model.model(...)`` for this batch."""
-        if self.kv_index is not None:
-            return dict(input_ids=self.input_ids, position_ids=self.position_ids,
-                        cu_seq_lens_q=self.cu_seqlens, cu_seq_lens_k=self.cu_seqlens_k,
-                        max_length_q=self.max_seqlen, max_length_k=self.max_seqlen_k,
-                        **{KV_INDEX: self.kv_index})
         if self.packed:
-            return dict(input_ids=self.input_ids, position_ids=self.position_ids,
-                        cu_seq_lens_q=self.cu_seqlens, cu_seq_lens_k=self.cu_seqlens,
-                        max_length_q=self.max_seqlen, max_length_k=self.max_seqlen)
+            inputs = dict(input_ids=self.input_ids, position_ids=self.position_ids,
+                          cu_seq_lens_q=self.cu_seqlens, cu_seq_lens_k=self.cu_seqlens,
+                          max_length_q=self.max_seqlen, max_length_k=self.max_seqlen)
+            if self.kv_index is not None:  # keys other than the queries (data.groups)
+                inputs.update(cu_seq_lens_k=self.cu_seqlens_k, max_length_k=self.max_seqlen_k,
+                              **{KV_INDEX: self.kv_index})
+            return inputs
         return dict(input_ids=self.input_ids, position_ids=self.position_ids,
                     attention_mask=self.attention_mask)
 
