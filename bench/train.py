@@ -55,7 +55,7 @@ import torch
 from bench.harness import append_jsonl, machine, markdown_table, read_runs, run_isolated
 
 MODELS = {
-    "demo": {},  # the demo's tiny Llama (polyfast.cli.DEMO_SFT), byte vocabulary
+    "demo": {},  # the demo's tiny Llama (polyfast.pipeline.DEMO_SFT), byte vocabulary
     "demo-151k": {"vocab_size": 151936},  # the same with Qwen2.5's vocabulary size: a real head
     "qwen2.5-1.5b": {"arch": "qwen2", "hidden_size": 1536, "num_layers": 28, "num_heads": 12,
                      "num_kv_heads": 2, "intermediate_size": 8960, "vocab_size": 151936,
@@ -113,8 +113,9 @@ def _fit(examples, max_tokens: int):
 
 
 def _overrides(args) -> dict:
-    from polyfast.cli import DEMO_SFT, _flatten
-    extra = _flatten(DEMO_SFT)
+    from polyfast.config import flatten
+    from polyfast.pipeline import DEMO_SFT
+    extra = flatten(DEMO_SFT)
     extra.update({f"model.tiny.{k}": v for k, v in MODELS[args.model].items()})
     extra.update({"data.max_tokens": args.max_tokens, "data.val": None, "train.max_steps": 10**6,
                   "train.grad_accum": args.grad_accum, "train.progress": False,

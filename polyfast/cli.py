@@ -7,39 +7,49 @@ import logging
 import sys
 from collections import defaultdict
 
-from .config import flatten as _flatten  # noqa: F401 - the demo's settings as dotted keys
-from .errors import PolyfastError
-
-# The built-in demo run (configs/demo_sft.yaml holds the same settings; a test keeps them equal).
-DEMO_SFT = {
-    "run_dir": "runs/demo/sft",
-    "seed": 0,
-    "model": {"tiny": {"arch": "llama", "hidden_size": 128, "num_layers": 2, "num_heads": 4,
-                       "num_kv_heads": 2, "intermediate_size": 352,
-                       "max_position_embeddings": 4096, "tie_word_embeddings": True}},
-    "data": {"train": "demo", "val": "demo", "max_tokens": 2048, "packing": "bucket",
-             "weighting": "bucket"},
-    "train": {"epochs": 2, "lr": 3e-3, "warmup_ratio": 0.05, "min_lr_ratio": 0.1,
-              "grad_accum": 1, "grad_clip": 1.0, "num_threads": None, "log_every": 5},
-}
+from .errors import Interrupted, PolyfastError
 
 
 def _overrides(args) -> list[str]:
     return list(args.overrides) + (["train.overwrite=true"] if args.overwrite else [])
 
 
+def _demo_inputs(cfg) -> None:
+    """Say so when a config trains on the demo's inputs (the built-in records, or files a demo
+    run wrote under runs/demo), which a copied demo config does unless its paths are changed."""
+    from .config import flatten, to_dict
+
+    keys = ("data.train", "data.val", "data.pairs", "data.val_pairs", "model.path")
+    demo = {k: v for k, v in flatten(to_dict(cfg)).items() if k in keys and isinstance(v, str)
+            and (v == "demo" or v.replace("\\", "/").startswith("runs/demo/"))}
+    if demo:
+        print("note: this config uses the demo's inputs: "
+              + ", ".join(f"{k}={v}" for k, v in demo.items())
+              + f" (override them, e.g. {next(iter(demo))}=PATH, for your own)", file=sys.stderr)
+
+
 def _cmd_sft(args) -> int:
     from .config import SFTConfig, load_config
+
+    cfg = load_config(SFTConfig, args.config, _overrides(args))  # before torch: typos fail fast
     from .train.rundir import check_unlocked
     from .train.sft import SFTTrainer
 
-    cfg = load_config(SFTConfig, args.config, _overrides(args))
     check_unlocked(cfg.run_dir)  # refuse before loading data and model, not after
     trainer = SFTTrainer(cfg)
+    _demo_inputs(cfg)
     result = trainer.fit()
     if trainer.dist.main:  # under torchrun, one summary
         _print_result(result)
     return 0
+
+
+def _steps(s: dict) -> str:
+    """'120 steps' or, for a resumed run, 'steps 51-120 (resumed from step 50)'."""
+    if s.get("resumed_from_step") is None:
+        return f"{s['steps']} steps"
+    return (f"{s['steps_run']} steps ({s['resumed_from_step'] + 1}-{s['steps']}, resumed from step "
+            f"{s['resumed_from_step']})")
 
 
 def _print_result(result: dict) -> None:
@@ -50,7 +60,7 @@ def _print_result(result: dict) -> None:
     if result["eval_after"]:
         print("Eval loss per bucket (mean token CE per example, averaged within the bucket):")
         print(eval_table(result["eval_before"], result["eval_after"]))
-    print(f"\n{s['steps']} steps in {s['train_seconds']:.1f}s, {s['tokens_per_s']:,.0f} tokens/s, "
+    print(f"\n{_steps(s)} in {s['train_seconds']:.1f}s, {s['tokens_per_s']:,.0f} tokens/s, "
           f"packing efficiency {s['packing_efficiency']:.3f}; model exported to {s['export']}")
 
 
@@ -64,21 +74,23 @@ def _cmd_demo(args) -> int:
 
 def _cmd_hdpo(args) -> int:
     from .config import HDPOConfig, load_config
+
+    cfg = load_config(HDPOConfig, args.config, _overrides(args))  # before torch: typos fail fast
     from .train.hdpo import HDPOTrainer
     from .train.rundir import check_unlocked
 
-    cfg = load_config(HDPOConfig, args.config, _overrides(args))
     check_unlocked(cfg.run_dir)
     trainer = HDPOTrainer(cfg)
+    _demo_inputs(cfg)
     result = trainer.fit()
     if not trainer.dist.main:  # under torchrun, one summary
         return 0
     s = result["summary"]
-    if result["eval_after"]:
+    if result["eval_after"] and result["eval_before"]:
         b, a = result["eval_before"], result["eval_after"]
         print(f"held-out pairs: reward accuracy {b['accuracy']:.3f} -> {a['accuracy']:.3f}, "
               f"margin {b['margin']:.3f} -> {a['margin']:.3f}")
-    print(f"{s['steps']} steps in {s['train_seconds']:.1f}s, {s['tokens_per_s']:,.0f} tokens/s; "
+    print(f"{_steps(s)} in {s['train_seconds']:.1f}s, {s['tokens_per_s']:,.0f} tokens/s; "
           f"model exported to {s['export']}")
     return 0
 
@@ -102,12 +114,23 @@ def _cmd_generate(args) -> int:
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=args.sample,
                            temperature=args.temperature, top_p=args.top_p,
                            batch_size=args.batch_size, system=args.system, seed=args.seed,
-                           num_samples=args.num_samples)
+                           num_samples=args.num_samples, profile=SYSTEM_PROFILE[args.system])
     rows = generate(model, tok, records, cfg)
     save_predictions(rows, args.out)
     each = f" ({args.num_samples} samples each)" if args.num_samples > 1 else ""
-    print(f"{len(rows)} predictions{each} -> {args.out}")
+    print(f"{len(rows)} predictions{each} -> {args.out}" + _truncation_note(rows))
     return 0
+
+
+# the evaluation profile a generation's system prompt amounts to (the record's gold length bin
+# is what `--system profile` puts in the prompt: the oracle profile)
+SYSTEM_PROFILE = {"profile": "oracle", "record": "record", "none": "none"}
+
+
+def _truncation_note(rows) -> str:
+    cut = [r["prompt_truncated"] for r in rows if r.get("prompt_truncated")]
+    return (f"; {len(cut)} prompts longer than the model's context (less --max-new-tokens) were "
+            f"cut from the left, {sum(cut)} tokens in all" if cut else "")
 
 
 def _cmd_pairs(args) -> int:
@@ -125,6 +148,9 @@ def _cmd_pairs(args) -> int:
     if args.num_samples:  # the first K samples of each record
         samples = {k: v[:args.num_samples] for k, v in samples.items()}
     pairs, counts = make_pairs(records, samples, pair_type=args.pair_type)
+    if not pairs:
+        from .errors import DataError
+        raise DataError(f"no pair kept ({describe_counts(counts)})", args.predictions)
     if args.references:
         refs = References.load(args.references)
         buckets = [p.bucket_id for p in pairs]
@@ -132,9 +158,6 @@ def _cmd_pairs(args) -> int:
         dr = text_distance(refs, [p.rejected for p in pairs], buckets)
         pairs = [dataclasses.replace(p, chosen_dist=float(c), rejected_dist=float(r))
                  for p, c, r in zip(pairs, dc, dr)]
-    if not pairs:
-        from .errors import DataError
-        raise DataError(f"no pair kept ({describe_counts(counts)})", args.predictions)
     pairs = pair_weights(pairs)
     save_pairs(pairs, args.out)
     print(f"{len(pairs)} pairs -> {args.out}; {describe_counts(counts)}")
@@ -154,7 +177,7 @@ def _cmd_critic(args) -> int:
     if args.critic_command == "references":
         records = _records_arg(args.data, args)
         values, names = features(records, model=model, tokenizer=tok)
-        refs = References.build(records, values, names, args.min_bucket_size)
+        refs = References.build(records, values, names, args.min_bucket_size, args.band_floor)
         refs.save(args.out)
         print(f"references of {len(refs.features)} features over {len(records)} records "
               f"({len(refs.stats)} keys) -> {args.out}")
@@ -204,21 +227,38 @@ def _cmd_eval(args) -> int:
                           "(or --compare DIR ...)")
     test = _records_arg(args.data, args)
     train = _records_arg(args.references, args)
+    if args.limit:
+        from .eval.evaluate import stratified_subset
+        full = len(test)
+        test = stratified_subset(test, args.limit, args.seed)
+        print(f"evaluating {len(test)} of {full} test records (--limit {args.limit}: a seeded "
+              "subset, every bucket in proportion)")
     out = args.out or "eval"
     if args.model:
         from .eval.generate import GenerationConfig, generate, load_for_generation, save_predictions
+        profile = args.profile or "prior"
         model, tok = load_for_generation(args.model)
-        prompts = prior_records(test, train, args.seed) if args.profile == "prior" else test
+        prompts = prior_records(test, train, args.seed) if profile == "prior" else test
         cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                               system="none" if args.profile == "none" else "profile")
+                               system="none" if profile == "none" else "profile", profile=profile)
         rows = generate(model, tok, prompts, cfg)
         os.makedirs(out, exist_ok=True)
         save_predictions(rows, os.path.join(out, "predictions.jsonl"))
+        note = _truncation_note(rows)
+        if note:
+            print(note.removeprefix("; ").capitalize())
         preds = [r["prediction"] for r in rows]
         title = args.title or os.path.basename(os.path.normpath(args.model))
     else:
-        from .eval.generate import load_predictions
-        preds = align(test, load_predictions(args.predictions), args.predictions)
+        from .eval.generate import load_predictions, predictions_profile
+        stored = predictions_profile(args.predictions)
+        if stored and args.profile and stored != args.profile:
+            from .errors import ConfigError
+            raise ConfigError("--profile", f"{args.predictions} was generated with the {stored!r} "
+                              f"profile, not {args.profile!r}")
+        profile = stored or args.profile or "unknown"
+        preds = align(test, load_predictions(args.predictions), args.predictions,
+                      subset=bool(args.limit))
         title = args.title or os.path.basename(args.predictions)
     featurizer = None
     if args.featurizer:
@@ -230,10 +270,11 @@ def _cmd_eval(args) -> int:
             print("C-MAUVE skipped: mauve-text is not installed (pip install polyfast[mauve])")
     else:
         print("C-MAUVE skipped: no --featurizer model given")
-    result = evaluate(test, preds, train, seed=args.seed, featurizer=featurizer)
-    write_report(result, out, title, args.profile)
+    result = evaluate(test, preds, train, seed=args.seed, featurizer=featurizer,
+                      band_floor=args.band_floor)
+    write_report(result, out, title, profile)
     m = result["macro"]
-    print(f"{title} ({args.profile}): " + ", ".join(f"{k} {v:.4f}" for k, v in m.items())
+    print(f"{title} ({profile}): " + ", ".join(f"{k} {v:.4f}" for k, v in m.items())
           + f"\nreport -> {os.path.join(out, 'report.md')}")
     return 0
 
@@ -263,6 +304,24 @@ def _cmd_data_stats(args) -> int:
     return 0
 
 
+def _cmd_config(args) -> int:
+    from .config import CONFIGS, load_config, show_config
+
+    cls = CONFIGS[args.kind]
+    if args.file:  # the file with its overrides applied, every key shown
+        cfg = load_config(cls, args.file, args.overrides)
+        print(show_config(cls, cfg), end="")
+        return 0
+    if args.overrides:
+        from .errors import ConfigError
+        raise ConfigError(args.overrides[0], "overrides need a config file (polyfast config show "
+                          f"{args.kind} FILE key=value)")
+    print(show_config(cls), end="")
+    return 0
+
+
+BAND_FLOOR_HELP = ("the band distance's scale floor: a feature's spread over the language's human "
+                   "responses (language), or 1e-6 as the authors' code (authors)")
 OVERWRITE_HELP = ("replace a run already in run_dir (its checkpoints, export and log); "
                   "same as train.overwrite=true")
 
@@ -330,6 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     ref.add_argument("--out", required=True)
     ref.add_argument("--min-bucket-size", type=int, default=20)
     ref.add_argument("--model", default=None, help="a scoring LM (run dir): adds LM features")
+    ref.add_argument("--band-floor", choices=["language", "authors"], default="language",
+                     help=BAND_FLOOR_HELP)
     ctrain = csub.add_parser("train", help="train the MLP critic")
     ctrain.add_argument("--data", required=True, help="TRAIN records")
     ctrain.add_argument("--pairs", required=True)
@@ -351,9 +412,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", default=None, help="TEST records, or demo:test")
     ev.add_argument("--references", default=None,
                     help="TRAIN records (or demo:train): the human support for BNG, HCR, distance")
-    ev.add_argument("--profile", choices=["oracle", "prior", "none"], default="prior",
+    ev.add_argument("--profile", choices=["oracle", "prior", "none"], default=None,
                     help="length bin in the profile prompt: gold (oracle), drawn from the TRAIN "
-                         "prior of the record's language|track|family, or no profile prompt")
+                         "prior of the record's language|track|family (default with --model), "
+                         "or no profile prompt; with --predictions, the one stored in the file")
+    ev.add_argument("--limit", type=int, default=0, metavar="N",
+                    help="evaluate a seeded subset of N test records, every bucket in proportion")
+    ev.add_argument("--band-floor", choices=["language", "authors"], default="language",
+                    help=BAND_FLOOR_HELP)
     ev.add_argument("--compare", nargs="+", default=None, help="eval dirs to put side by side")
     ev.add_argument("--featurizer", default=None, help="a local LM for C-MAUVE (needs mauve-text)")
     ev.add_argument("--out", default=None)
@@ -362,6 +428,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=32)
     ev.add_argument("--seed", type=int, default=0)
     ev.set_defaults(func=_cmd_eval)
+
+    conf = sub.add_parser("config", help="show a config with every key and its meaning")
+    csub2 = conf.add_subparsers(dest="config_command", required=True)
+    show = csub2.add_parser("show", help="the defaults of sft or hdpo as commented YAML; with "
+                                         "FILE, that config as loaded (overrides applied)")
+    show.add_argument("kind", choices=["sft", "hdpo"])
+    show.add_argument("file", nargs="?", default=None, help="a config file to show as loaded")
+    show.add_argument("overrides", nargs="*", help="key.path=value")
+    show.set_defaults(func=_cmd_config)
 
     data = sub.add_parser("data", help="data tools")
     dsub = data.add_subparsers(dest="data_command", required=True)
@@ -376,12 +451,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _resume_command(argv: list[str]) -> str:
+    """The command line that resumes an interrupted training command."""
+    import shlex
+    args = [a for a in argv if a not in ("--overwrite", "train.overwrite=true",
+                                         "train.resume=true")]
+    return "polyfast " + " ".join(shlex.quote(a) for a in args + ["train.resume=true"])
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback
+        print("\npolyfast: interrupted", file=sys.stderr)
+        return 130
+    except Interrupted as e:
+        resume = (f"; resume with: {_resume_command(argv)}"
+                  if e.checkpoint and args.command in ("sft", "hdpo") else "")
+        print(f"\npolyfast: {e}{resume}", file=sys.stderr)
+        return 130
     except PolyfastError as e:
         print(f"polyfast: error: {e}", file=sys.stderr)
         return 2

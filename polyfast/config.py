@@ -9,6 +9,7 @@ key's range (each dataclass's ``LIMITS``) and non-finite floats. Command-line ov
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 import types
@@ -56,39 +57,60 @@ class TinyModelConfig:
     intermediate_size: int = 352
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = True
-    vocab_size: int | None = None        # default: the tokenizer's (larger: a real model's shape)
+    vocab_size: int | None = None
 
     LIMITS: ClassVar[dict] = {k: AT_LEAST_1 for k in (
         "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
         "max_position_embeddings", "vocab_size")}
+    HELP: ClassVar[dict] = {
+        "arch": "llama | qwen2: the transformers architecture of the tiny model",
+        "hidden_size": "width of the residual stream",
+        "num_layers": "decoder layers",
+        "num_heads": "attention heads",
+        "num_kv_heads": "key/value heads (grouped-query attention when fewer than num_heads)",
+        "intermediate_size": "width of the MLP",
+        "max_position_embeddings": "longest sequence RoPE is set up for",
+        "tie_word_embeddings": "the head shares the embedding matrix",
+        "vocab_size": "null: the tokenizer's; larger gives a real model's head shape",
+    }
 
 
 @dataclass
 class ModelConfig:
-    path: str | None = None              # local HF model directory; None builds `tiny`
-    tokenizer: str | None = None         # local tokenizer dir; default: `path`, or "byte" for tiny
+    path: str | None = None
+    tokenizer: str | None = None
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
-    # auto: fp32 weights and optimizer state (the master copy); on CUDA the compute runs in bf16
-    # (autocast in one process, FSDP2 bf16 parameters / fp32 gradient reduction under torchrun).
-    # bfloat16 / float16: the weights and the optimizer state in that dtype (least memory).
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    activation_checkpointing: bool = False   # recompute each decoder layer in the backward
-    liger: bool = False                  # Liger-Kernel's RMSNorm and SwiGLU/GEGLU modules (CUDA)
-    compile: bool = False                # torch.compile each decoder layer
+    activation_checkpointing: bool = False
+    liger: bool = False
+    compile: bool = False
     trust_remote_code: bool = False
+
+    HELP: ClassVar[dict] = {
+        "path": "a local Hugging Face model directory (safetensors); null builds model.tiny",
+        "tokenizer": "a local tokenizer directory; null: model.path's, or the byte tokenizer of "
+                     "the tiny model",
+        "tiny": "the randomly initialised model built when model.path is null",
+        "dtype": "auto: fp32 weights and optimizer state, bf16 compute on CUDA; bfloat16 / "
+                 "float16: weights and optimizer state in that dtype (least memory)",
+        "activation_checkpointing": "recompute each decoder layer in the backward (less memory)",
+        "liger": "Liger-Kernel's RMSNorm and SwiGLU/GEGLU modules (CUDA)",
+        "compile": "torch.compile each decoder layer",
+        "trust_remote_code": "allow model code shipped with the checkpoint",
+    }
 
 
 @dataclass
 class DataConfig:
-    train: str = "demo"                  # a file, or "demo" for the built-in records
-    val: str | None = "demo"
+    train: str = "demo"
+    val: str | None = None
     test: str | None = None
     skip_bad_rows: bool = False
-    legacy_tokens: bool = False          # the authors' token regex for derived length bins
+    legacy_tokens: bool = False
     system_prompt: Literal["profile", "record", "none"] = "profile"
-    max_tokens: int = 2048               # pack capacity = longest example
+    max_tokens: int = 2048
     packing: Literal["bucket", "mixed", "none"] = "bucket"
-    batch_size: int = 4                  # examples per micro-batch with packing: none
+    batch_size: int = 4
     overlong: Literal["truncate_left", "drop"] = "truncate_left"
     weighting: Literal["bucket", "example", "token"] = "bucket"
     weight_power: float = 1.0
@@ -96,13 +118,32 @@ class DataConfig:
 
     LIMITS: ClassVar[dict] = {"max_tokens": Range(2), "batch_size": AT_LEAST_1,
                               "weight_power": NON_NEGATIVE, "weight_clip": POSITIVE}
+    HELP: ClassVar[dict] = {
+        "train": "TRAIN records: a .jsonl/.json file, a datasets directory, .parquet/.arrow, "
+                 "hf:NAME[:SPLIT], or demo (the built-in records)",
+        "val": "held-out records for the per-bucket eval loss (same forms, demo: the built-in "
+               "ones); null: none",
+        "test": "test records (same forms); read by the evaluation, not by training",
+        "skip_bad_rows": "skip and count bad rows instead of stopping at the first",
+        "legacy_tokens": "the released English data's token regex for derived length bins",
+        "system_prompt": "profile: the length/style profile prompt; record: the row's own "
+                         "system prompt; none",
+        "max_tokens": "pack capacity in tokens, and the longest example",
+        "packing": "bucket: packs of one bucket; mixed: any examples; none: padded batches",
+        "batch_size": "examples per micro-batch with packing: none",
+        "overlong": "an example longer than max_tokens: cut its prompt from the left, or drop it",
+        "weighting": "bucket: w_b = N / (K n_b); example: every example alike; token: every "
+                     "token alike",
+        "weight_power": "bucket weights n_b^-power (1: the paper's inverse frequency, 0: none)",
+        "weight_clip": "cap on the bucket weights; null: no cap",
+    }
 
 
 @dataclass
 class TrainConfig:
     epochs: float = 1.0
     max_steps: int | None = None
-    grad_accum: int = 1                  # micro-batches (packs) per optimizer step
+    grad_accum: int = 1
     lr: float = 1e-3
     min_lr_ratio: float = 0.1
     warmup_ratio: float = 0.05
@@ -110,22 +151,20 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float | None = 1.0
     loss_backend: Literal["auto", "triton", "gemm", "torch", "reference"] = "auto"
-    device: str = "auto"                 # auto | cpu | cuda | cuda:N
-    tf32: bool = False                   # fp32 CUDA matmuls (trunk and loss head) on TF32 tensor
-                                         # cores; for model.dtype float32 (auto/bf16 compute in bf16)
-    num_threads: int | None = None       # torch CPU threads
+    device: str = "auto"
+    tf32: bool = False
+    num_threads: int | None = None
     log_every: int = 1
-    eval_every: int = 0                  # steps; 0 = before and after training only
-    save_every: int = 0                  # steps; 0 = only the final export
+    eval_every: int = 0
+    save_every: int = 0
     keep_checkpoints: int = 2
-    checkpoint_hf: bool = True           # each checkpoint also holds hf/, a save_pretrained export
-    resume: bool = False                 # continue from run_dir's latest checkpoint
-    overwrite: bool = False              # replace a run already in run_dir (--overwrite)
-    # a step whose loss or gradient norm is not finite: stop the run (no export), or skip its
-    # update (its packs and its learning-rate step are spent) and stop after max_skipped_steps
+    checkpoint_hf: bool = True
+    resume: bool = False
+    overwrite: bool = False
     nonfinite: Literal["stop", "skip"] = "stop"
     max_skipped_steps: int = 10
     progress: bool = True
+    report_to: list[Literal["tensorboard"]] = field(default_factory=list)
 
     LIMITS: ClassVar[dict] = {
         "epochs": POSITIVE, "max_steps": AT_LEAST_1, "grad_accum": AT_LEAST_1, "lr": NON_NEGATIVE,
@@ -133,6 +172,34 @@ class TrainConfig:
         "betas": Range(0, 1, hi_open=True), "grad_clip": POSITIVE, "num_threads": AT_LEAST_1,
         "log_every": AT_LEAST_1, "eval_every": NON_NEGATIVE, "save_every": NON_NEGATIVE,
         "keep_checkpoints": NON_NEGATIVE, "max_skipped_steps": NON_NEGATIVE}
+    HELP: ClassVar[dict] = {
+        "epochs": "passes over the training packs (fractions allowed)",
+        "max_steps": "optimizer steps; null: from epochs",
+        "grad_accum": "micro-batches (packs) per optimizer step",
+        "lr": "peak learning rate (AdamW)",
+        "min_lr_ratio": "the cosine schedule ends at lr * min_lr_ratio",
+        "warmup_ratio": "share of the steps spent in linear warm-up",
+        "weight_decay": "AdamW weight decay",
+        "betas": "AdamW betas",
+        "grad_clip": "gradient norm clip; null: none",
+        "loss_backend": "the loss head: auto (torch on a CPU, on CUDA the fused kernel its cost "
+                        "model picks), triton, gemm, torch (chunked), reference (full logits)",
+        "device": "auto | cpu | cuda | cuda:N",
+        "tf32": "fp32 CUDA matmuls on TF32 tensor cores (for model.dtype float32)",
+        "num_threads": "torch CPU threads; null: torch's default",
+        "log_every": "steps between metrics rows (each one waits for the device)",
+        "eval_every": "steps between evaluations; 0: before and after training only",
+        "save_every": "steps between checkpoints; 0: only the final export",
+        "keep_checkpoints": "checkpoints kept in run_dir/checkpoints (older ones deleted)",
+        "checkpoint_hf": "each checkpoint also holds hf/, a save_pretrained export",
+        "resume": "continue from run_dir's latest checkpoint",
+        "overwrite": "replace a run already in run_dir (--overwrite)",
+        "nonfinite": "a step with a non-finite loss or gradient norm: stop, or skip its update",
+        "max_skipped_steps": "with nonfinite: skip, stop after more skipped steps than this",
+        "progress": "progress bars",
+        "report_to": "extra metric sinks beside metrics.jsonl: [tensorboard] (needs "
+                     "pip install polyfast[tensorboard]); events under run_dir/tensorboard",
+    }
 
 
 @dataclass
@@ -144,6 +211,13 @@ class SFTConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     LIMITS: ClassVar[dict] = {"seed": NON_NEGATIVE}
+    HELP: ClassVar[dict] = {
+        "run_dir": "the run's directory: config.yaml, metrics.jsonl, checkpoints/, final/",
+        "seed": "seeds the model's initialisation and the data order",
+        "model": "the model to train",
+        "data": "records, buckets, packing and weighting",
+        "train": "optimizer, schedule, logging and checkpoints",
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,7 +295,9 @@ def _build(cls, data: dict, prefix: str = ""):
     for k in data:
         if k not in names:
             key = f"{prefix}.{k}" if prefix else str(k)
-            raise ConfigError(key, f"unknown key (known: {', '.join(sorted(names))})")
+            close = difflib.get_close_matches(str(k), names, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise ConfigError(key, f"unknown key ({hint}known: {', '.join(sorted(names))})")
     kwargs = {k: _convert(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
     for k, limit in getattr(cls, "LIMITS", {}).items():
         values = kwargs.get(k)
@@ -325,15 +401,25 @@ def save_config(cfg, path: str) -> None:
 
 @dataclass
 class PairDataConfig:
-    pairs: str = ""                      # a pairs file: polyfast JSONL or the authors' HDPO export
-    val_pairs: str | None = None         # held-out pairs for reward accuracy / margin
+    pairs: str = ""
+    val_pairs: str | None = None
     skip_bad_rows: bool = False
     legacy_tokens: bool = False
     system_prompt: Literal["profile", "record", "none"] = "profile"
-    max_tokens: int = 2048               # pack capacity; a pair's two sides share a pack
+    max_tokens: int = 2048
     overlong: Literal["truncate_left", "drop"] = "truncate_left"
 
     LIMITS: ClassVar[dict] = {"max_tokens": Range(4)}
+    HELP: ClassVar[dict] = {
+        "pairs": "preference pairs: polyfast JSONL (polyfast pairs), the authors' HDPO export, "
+                 "a datasets directory, .parquet/.arrow or hf:NAME[:SPLIT]",
+        "val_pairs": "held-out pairs for reward accuracy and margin; null: none",
+        "skip_bad_rows": "skip and count bad rows instead of stopping at the first",
+        "legacy_tokens": "the released English data's token regex for derived length bins",
+        "system_prompt": "profile | record | none, as data.system_prompt of SFT",
+        "max_tokens": "pack capacity; each side of a pair fits half of it",
+        "overlong": "a side longer than half a pack: cut the prompt from the left, or drop the pair",
+    }
 
 
 @dataclass
@@ -342,24 +428,40 @@ class HDPOLossConfig:
     reg_lambda: float = 0.1
     ftx: float = 0.05
     label_smoothing: float = 0.0
-    # where the critic distances come from: the pair file (offline), the text-feature band
-    # distance, an LM critic's NLL band (online), or none (plain DPO + anchor)
     distance: Literal["pairs", "feature", "lm", "none"] = "pairs"
-    references: str | None = None        # feature references JSON (default: from the train pairs)
-    critic_model: str | None = None      # the LM critic (default: model.path, the SFT checkpoint)
+    references: str | None = None
+    band_floor: Literal["language", "authors"] = "language"
+    critic_model: str | None = None
     min_bucket_size: int = 20
-    reference: Literal["live", "precomputed"] = "live"   # frozen reference in memory, or cached
-    # under torchrun: each rank holds whole frozen models (replicate), or they are FSDP2-sharded
-    # like the policy (shard: less memory, one all-gather per layer and forward)
+    reference: Literal["live", "precomputed"] = "live"
     frozen: Literal["replicate", "shard"] = "replicate"
     loss_backend: Literal["auto", "separate", "triton", "torch", "reference"] = "auto"
-    # pairs that share a prompt are laid out with the prompt once, [prompt | r_1 | r_2 ...], each
-    # response attending to the prompt and itself: the same numbers as one copy per response
     prefix_sharing: bool = True
 
     LIMITS: ClassVar[dict] = {"beta": POSITIVE, "reg_lambda": NON_NEGATIVE, "ftx": NON_NEGATIVE,
                               "label_smoothing": Range(0, 0.5, hi_open=True),
                               "min_bucket_size": AT_LEAST_1}
+    HELP: ClassVar[dict] = {
+        "beta": "DPO temperature on the policy/reference log-ratio",
+        "reg_lambda": "weight of the critic-distance regulariser",
+        "ftx": "weight of the anchor: the chosen side's mean NLL",
+        "label_smoothing": "conservative DPO: share of the flipped-preference loss",
+        "distance": "critic distances from the pair file (pairs), the text-feature band "
+                    "(feature), an LM critic's NLL band (lm), or none (DPO + anchor)",
+        "references": "feature references JSON (polyfast critic references); null: built from "
+                      "the train pairs' human sides",
+        "band_floor": "scale floor of the band distance: language (a feature's spread over the "
+                      "language's human responses) or authors (1e-6, the released code's)",
+        "critic_model": "the LM critic of distance: lm; null: model.path (the SFT checkpoint)",
+        "min_bucket_size": "a bucket with fewer human responses uses its parent's band",
+        "reference": "live: the frozen reference model runs every step; precomputed: its "
+                     "log-probs are computed once and cached in run_dir",
+        "frozen": "under torchrun: frozen models replicated on every rank, or FSDP2-sharded",
+        "loss_backend": "auto, separate (one loss-head call per model), triton (one fused launch "
+                        "for all), torch, reference (full logits)",
+        "prefix_sharing": "a group of pairs with one prompt holds the prompt once (same numbers, "
+                          "less work)",
+    }
 
 
 def _hdpo_train_defaults() -> TrainConfig:
@@ -370,9 +472,46 @@ def _hdpo_train_defaults() -> TrainConfig:
 class HDPOConfig:
     run_dir: str = "runs/hdpo"
     seed: int = 0
-    model: ModelConfig = field(default_factory=ModelConfig)   # path: the Bucket-SFT checkpoint
+    model: ModelConfig = field(default_factory=ModelConfig)
     data: PairDataConfig = field(default_factory=PairDataConfig)
     hdpo: HDPOLossConfig = field(default_factory=HDPOLossConfig)
     train: TrainConfig = field(default_factory=_hdpo_train_defaults)
 
     LIMITS: ClassVar[dict] = {"seed": NON_NEGATIVE}
+    HELP: ClassVar[dict] = {
+        "run_dir": "the run's directory: config.yaml, metrics.jsonl, checkpoints/, final/",
+        "seed": "seeds the data order",
+        "model": "model.path: the Bucket-SFT export, the policy's start and the frozen reference",
+        "data": "preference pairs and packing",
+        "hdpo": "the HDPO loss and its critic",
+        "train": "optimizer, schedule, logging and checkpoints (HDPO defaults: lr 5e-7, "
+                 "warm-up 0.1, cosine to 0)",
+    }
+
+
+CONFIGS = {"sft": SFTConfig, "hdpo": HDPOConfig}
+
+
+def show_config(cls, cfg=None) -> str:
+    """``cfg`` (default: the defaults of ``cls``) as YAML, every key with its help as a comment
+    (what ``polyfast config show`` prints; it loads back to the same config)."""
+    lines: list[str] = []
+
+    def walk(obj, indent: str) -> None:
+        helps = getattr(type(obj), "HELP", {})
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            note = helps.get(f.name, "")
+            if dataclasses.is_dataclass(value):
+                lines.append(f"{indent}{f.name}:" + (f"  # {note}" if note else ""))
+                walk(value, indent + "  ")
+                continue
+            if isinstance(value, tuple):
+                value = list(value)
+            text = yaml.safe_dump(value, default_flow_style=True, allow_unicode=True,
+                                  width=1000).strip().removesuffix("\n...").strip()
+            entry = f"{indent}{f.name}: {text}"
+            lines.append(f"{entry:<40}  # {note}" if note else entry)
+
+    walk(cls() if cfg is None else cfg, "")
+    return "\n".join(lines) + "\n"

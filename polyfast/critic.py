@@ -6,8 +6,9 @@
 - ``References``: per-bucket feature statistics (q10, q25, q50, q75, q90, mean, std, count) from
   TRAIN human responses only; a bucket with fewer than ``min_bucket_size`` records falls back to its
   ``language|track|family`` parent, then to its language.
-- ``band_distance``: s_f = max(q90 - q10, std, 1e-6); d_f = (q10 - x)/s_f below the band,
-  (x - q90)/s_f above it, 0 inside; d = mean_f d_f.
+- ``band_distance``: s_f = max(q90 - q10, std, floor_f); d_f = (q10 - x)/s_f below the band,
+  (x - q90)/s_f above it, 0 inside; d = mean_f d_f. floor_f is the feature's spread over the
+  language's human responses (``band_floor="language"``) or 1e-6 (``"authors"``).
 - ``MLPCritic``: the authors' critic shape, [standardised features ; Emb64(bucket)] ->
   Linear-GELU-Dropout-Linear-GELU-Dropout-Linear, trained with mean|s - d| plus the pair margin
   mean relu(0.1 - s_rej + s_cho); saved as safetensors + JSON. (The authors fed a mean-pooled
@@ -112,7 +113,9 @@ def text_features(text: str) -> dict[str, float]:
 
 
 def feature_matrix(texts: Iterable[str]) -> np.ndarray:
-    return np.array([[f for f in text_features(t).values()] for t in texts], dtype=np.float64)
+    """(n, 34) text features; (0, 34) for no texts."""
+    rows = [list(text_features(t).values()) for t in texts]
+    return np.array(rows, dtype=np.float64).reshape(len(rows), len(FEATURE_NAMES))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,17 +214,39 @@ def parents(bucket: str) -> list[str]:
     return [bucket, "|".join(parts[:3]), parts[0]]
 
 
+ALL = "*"          # the statistics key over every record (the last floor of the band scale)
+BAND_FLOORS = ("language", "authors")
+
+
+def spread(st: dict[str, list[float]]) -> np.ndarray:
+    """A band's width per feature: max(q90 - q10, std)."""
+    return np.maximum(np.asarray(st["q90"]) - np.asarray(st["q10"]), np.asarray(st["std"]))
+
+
 @dataclass
 class References:
-    """Per-key feature statistics; keys are buckets, their parents and languages."""
+    """Per-key feature statistics; keys are buckets, their parents, languages and ``ALL``.
+
+    ``band_floor`` sets the smallest scale of the band distance. "language" (default): a
+    feature's spread over the language's human responses (else over all of them, else 1), so a
+    feature that is constant among one bucket's humans scores a deviation in the units it has
+    across the language; "authors": 1e-6, the released code's floor, under which a feature
+    constant in a bucket turns any deviation into a distance of 1e5 or more."""
 
     features: list[str]
     stats: dict[str, dict[str, list[float]]]
     min_bucket_size: int = 20
+    band_floor: str = "language"
+
+    def __post_init__(self):
+        if self.band_floor not in BAND_FLOORS:
+            raise ValueError(f"band_floor must be one of {', '.join(BAND_FLOORS)}, "
+                             f"got {self.band_floor!r}")
+        self._scales: dict[str, np.ndarray] = {}
 
     @classmethod
     def build(cls, records: Sequence[Record], values: np.ndarray, features: Sequence[str],
-              min_bucket_size: int = 20) -> "References":
+              min_bucket_size: int = 20, band_floor: str = "language") -> "References":
         """From TRAIN records and their (n, F) feature values. Refuses records of other splits."""
         leaked = [r.id for r in records if r.split not in ("", "train")]
         if leaked:
@@ -231,8 +256,9 @@ class References:
         for i, r in enumerate(records):
             for key in parents(r.bucket_id):
                 groups[key].append(i)
-        stats = {key: _stats(values[idx]) for key, idx in groups.items()}
-        return cls(list(features), stats, min_bucket_size)
+        groups[ALL] = list(range(len(records)))
+        stats = {key: _stats(values[idx]) for key, idx in groups.items() if idx}
+        return cls(list(features), stats, min_bucket_size, band_floor)
 
     def lookup(self, bucket: str) -> tuple[str, dict[str, list[float]]]:
         """The statistics for a bucket: its own when it has min_bucket_size records, else the
@@ -247,6 +273,21 @@ class References:
                 return key, self.stats[key]
         raise KeyError(f"no reference for bucket {bucket!r} (nor its language)")
 
+    def scale(self, bucket: str) -> np.ndarray:
+        """The band distance's per-feature scale for ``bucket``: its band's spread, floored
+        (see ``band_floor``)."""
+        if bucket not in self._scales:
+            key, st = self.lookup(bucket)
+            floor = np.full(len(self.features), 1e-6)
+            if self.band_floor == "language":
+                floor = np.ones(len(self.features))
+                for k in (ALL, parents(key)[-1]):  # a wider key first, the language last wins
+                    if k in self.stats:
+                        s = spread(self.stats[k])
+                        floor = np.where(s > 0, s, floor)
+            self._scales[bucket] = np.maximum(spread(st), floor)
+        return self._scales[bucket]
+
     def distance(self, values: np.ndarray, buckets: Sequence[str]) -> np.ndarray:
         """Band distance of each row of (n, F) values to its bucket's band; (n,)."""
         if values.shape[1] != len(self.features):
@@ -254,12 +295,12 @@ class References:
                              f"{len(self.features)} features ({self.features[-1]} last)")
         out = np.empty(len(buckets))
         for i, b in enumerate(buckets):
-            out[i] = band_distance(values[i], self.lookup(b)[1])
+            out[i] = band_distance(values[i], self.lookup(b)[1], self.scale(b))
         return out
 
     def to_json(self) -> dict:
         return {"features": self.features, "min_bucket_size": self.min_bucket_size,
-                "stats": self.stats}
+                "band_floor": self.band_floor, "stats": self.stats}
 
     def save(self, path: str) -> None:
         with open(path, "w", encoding="utf-8") as f:
@@ -269,13 +310,17 @@ class References:
     def load(cls, path: str) -> "References":
         with open(path, encoding="utf-8") as f:
             d = json.load(f)
-        return cls(d["features"], d["stats"], d["min_bucket_size"])
+        return cls(d["features"], d["stats"], d["min_bucket_size"],
+                   d.get("band_floor", "language"))
 
 
-def band_distance(x: np.ndarray, st: dict[str, list[float]]) -> float:
-    """mean_f of the distance outside [q10, q90] in units of max(q90 - q10, std, 1e-6)."""
-    q10, q90, std = (np.asarray(st[k]) for k in ("q10", "q90", "std"))
-    scale = np.maximum(np.maximum(q90 - q10, std), 1e-6)
+def band_distance(x: np.ndarray, st: dict[str, list[float]],
+                  scale: np.ndarray | None = None) -> float:
+    """mean_f of the distance outside [q10, q90] in units of ``scale`` (default: the authors'
+    max(q90 - q10, std, 1e-6); ``References.scale`` gives the floored one)."""
+    q10, q90 = np.asarray(st["q10"]), np.asarray(st["q90"])
+    if scale is None:
+        scale = np.maximum(spread(st), 1e-6)
     d = np.where(x < q10, (q10 - x) / scale, np.where(x > q90, (x - q90) / scale, 0.0))
     return float(d.mean())
 
@@ -292,9 +337,10 @@ def features(records: Sequence[Record], responses: Sequence[str] | None = None, 
     return values, names
 
 
-def text_references(records: Sequence[Record], min_bucket_size: int = 20) -> References:
+def text_references(records: Sequence[Record], min_bucket_size: int = 20,
+                    band_floor: str = "language") -> References:
     return References.build(records, feature_matrix(r.response for r in records), FEATURE_NAMES,
-                            min_bucket_size)
+                            min_bucket_size, band_floor)
 
 
 def text_distance(refs: References, texts: Sequence[str], buckets: Sequence[str]) -> np.ndarray:

@@ -38,3 +38,13 @@ class NonFiniteError(RunError):
     def __init__(self, message: str, step: int | None = None):
         self.step = step
         super().__init__(message)
+
+
+class Interrupted(RunError):
+    """Training stopped by Ctrl-C (KeyboardInterrupt): where it was and what can resume it."""
+
+    def __init__(self, step: int, total_steps: int, checkpoint: str | None):
+        self.step, self.total_steps, self.checkpoint = step, total_steps, checkpoint
+        where = (f"the last checkpoint is {checkpoint}" if checkpoint else
+                 "no checkpoint was saved (train.save_every=N saves one every N steps)")
+        super().__init__(f"interrupted at step {step} of {total_steps}; {where}")

@@ -17,6 +17,19 @@ from .data.tokenize import encode_records, fit_length
 from .eval.generate import GenerationConfig, generate, load_for_generation, save_predictions
 from .train.metrics import format_table
 
+# The built-in demo's SFT run (configs/demo_sft.yaml holds the same settings; a test keeps them equal).
+DEMO_SFT = {
+    "run_dir": "runs/demo/sft",
+    "seed": 0,
+    "model": {"tiny": {"arch": "llama", "hidden_size": 128, "num_layers": 2, "num_heads": 4,
+                       "num_kv_heads": 2, "intermediate_size": 352,
+                       "max_position_embeddings": 4096, "tie_word_embeddings": True}},
+    "data": {"train": "demo", "val": "demo", "max_tokens": 2048, "packing": "bucket",
+             "weighting": "bucket"},
+    "train": {"epochs": 2, "lr": 3e-3, "warmup_ratio": 0.05, "min_lr_ratio": 0.1,
+              "grad_accum": 1, "grad_clip": 1.0, "num_threads": None, "log_every": 5},
+}
+
 # The demo's HDPO settings (a tiny model learns little at the paper's lr of 5e-7 in one epoch).
 DEMO_HDPO = {"hdpo.beta": 0.1, "hdpo.reg_lambda": 0.1, "hdpo.ftx": 0.05, "hdpo.distance": "pairs",
              "hdpo.min_bucket_size": 20, "data.max_tokens": 4096, "train.lr": 1e-4,
@@ -39,8 +52,7 @@ def run_demo(out: str, sft_overrides: list[str] = (), progress: bool = True, *,
              overwrite: bool = False) -> dict:
     """Run the pipeline into ``out``; the keyword knobs shrink it (tests use them). A directory
     holding an earlier demo's runs is refused unless ``overwrite``."""
-    from .cli import DEMO_SFT, _flatten
-    from .config import HDPOConfig, SFTConfig, load_config
+    from .config import HDPOConfig, SFTConfig, flatten, load_config
     from .train.hdpo import HDPOTrainer
     from .train.sft import SFTTrainer, eval_table, per_bucket_loss
 
@@ -50,7 +62,7 @@ def run_demo(out: str, sft_overrides: list[str] = (), progress: bool = True, *,
 
     # 1. Bucket-Aware SFT
     cfg = load_config(SFTConfig, None, list(sft_overrides),
-                      extra={**_flatten(DEMO_SFT), "run_dir": os.path.join(out, "sft"),
+                      extra={**flatten(DEMO_SFT), "run_dir": os.path.join(out, "sft"),
                              "train.progress": progress, "train.overwrite": overwrite})
     say(f"1/7 Bucket-Aware SFT of a tiny {cfg.model.tiny.arch} model -> {cfg.run_dir}")
     sft = SFTTrainer(cfg)
@@ -115,7 +127,7 @@ def run_demo(out: str, sft_overrides: list[str] = (), progress: bool = True, *,
     # the authors evaluated) and with a bin drawn from the TRAIN prior (what a deployed model knows)
     say("6/7 evaluation report (oracle and prior profiles)")
     from .eval.evaluate import evaluate, prior_records, write_report
-    from .eval.report import plot_bng_hcr, report_markdown
+    from .eval.report import comparisons, plot_bng_hcr, report_markdown
     prior = prior_records(test, train, seed=0)
     evals = []
     for name, path in (("sft", sft_dir), ("hdpo", hdpo_dir)):
@@ -130,8 +142,6 @@ def run_demo(out: str, sft_overrides: list[str] = (), progress: bool = True, *,
             evals.append({**res, "title": name.upper(), "profile": profile})
     with open(os.path.join(out, "metrics.json"), "w", encoding="utf-8") as f:
         json.dump({"runs": evals}, f, ensure_ascii=False, indent=1)
-    with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as f:
-        f.write(report_markdown(evals))
     plot_bng_hcr(evals, os.path.join(out, "bng_hcr.png"))
     import shutil
     for e in evals:
@@ -150,6 +160,22 @@ def run_demo(out: str, sft_overrides: list[str] = (), progress: bool = True, *,
     rows_out.append(["macro"] + macro)
     table = format_table(["bucket", "loss SFT", "loss HDPO", "dist SFT", "dist HDPO",
                           "bin SFT", "bin HDPO"], rows_out)
+    before, after = hdpo_result["eval_before"], hdpo_result["eval_after"]
+    held = (f"HDPO on {len(held_out)} held-out pairs: reward accuracy {before['accuracy']:.2f} -> "
+            f"{after['accuracy']:.2f}, margin {before['margin']:.3f} -> {after['margin']:.3f}, "
+            f"chosen mean log-prob {-before['anchor']:.3f} -> {-after['anchor']:.3f}")
+    sft_table = eval_table(sft_result["eval_before"], sft_result["eval_after"])
+    sections = [
+        "## Training", "",
+        f"Bucket-Aware SFT: {sft_result['summary']['steps']} steps; eval loss per bucket (mean "
+        "token CE per example, averaged within the bucket) on the validation records, before and "
+        "after:", "", sft_table, "",
+        f"HDPO: {hdpo_result['summary']['steps']} steps on {len(fit_pairs)} pairs. {held}.", "",
+        "SFT vs HDPO on the test prompts (oracle profile): eval loss, mean band distance of the "
+        "generations to the bucket's human support (lower is better), share of generations in "
+        "the human length bin:", "", table, ""]
+    with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as f:
+        f.write(report_markdown(evals, sections))
     total = time.perf_counter() - t0
     summary = {"seconds": total, "sft_tokens_per_s": sft_result["summary"]["tokens_per_s"],
                "hdpo_tokens_per_s": hdpo_result["summary"]["tokens_per_s"],
@@ -161,7 +187,7 @@ def run_demo(out: str, sft_overrides: list[str] = (), progress: bool = True, *,
         json.dump(summary, f, indent=1, default=float)
     say("7/7 done")
     print("\nSFT eval loss per bucket, before and after Bucket-Aware SFT:")
-    print(eval_table(sft_result["eval_before"], sft_result["eval_after"]))
+    print(sft_table)
     print("\nSFT vs HDPO on the test prompts: eval loss (mean token CE), mean band distance of the "
           "generations to the bucket's human support (lower is better), share of generations in "
           "the human length bin:")
@@ -174,10 +200,8 @@ def run_demo(out: str, sft_overrides: list[str] = (), progress: bool = True, *,
     print(format_table(["model (profile)"] + [k[1] for k in keys],
                        [[f"{e['title']} ({e['profile']})"] + [e["macro"].get(k, float("nan"))
                                                               for k, _ in keys] for e in evals]))
-    before, after = hdpo_result["eval_before"], hdpo_result["eval_after"]
-    print(f"\nHDPO on {len(held_out)} held-out pairs: reward accuracy {before['accuracy']:.2f} -> "
-          f"{after['accuracy']:.2f}, margin {before['margin']:.3f} -> {after['margin']:.3f}, "
-          f"chosen mean log-prob {-before['anchor']:.3f} -> {-after['anchor']:.3f}")
+    print(f"\n{held}")
+    print("\n" + "\n".join(comparisons(evals)).strip())
     print(f"SFT {summary['sft_tokens_per_s']:,.0f} tokens/s, HDPO {summary['hdpo_tokens_per_s']:,.0f} "
           f"tokens/s; demo finished in {total:.1f}s")
     return summary

@@ -5,7 +5,9 @@ import re
 import pytest
 import yaml
 
-from polyfast.cli import DEMO_SFT, _flatten, main
+from polyfast.cli import main
+from polyfast.config import flatten
+from polyfast.pipeline import DEMO_SFT
 from polyfast.config import SFTConfig, load_config
 from polyfast.errors import ConfigError
 
@@ -14,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_demo_config_file_matches_the_builtin_demo():
     from_file = load_config(SFTConfig, os.path.join(ROOT, "configs", "demo_sft.yaml"))
-    builtin = load_config(SFTConfig, None, [], extra=_flatten(DEMO_SFT))
+    builtin = load_config(SFTConfig, None, [], extra=flatten(DEMO_SFT))
     assert from_file == builtin
 
 
@@ -39,6 +41,15 @@ def test_overrides_parse_yaml_values():
     cfg = load_config(SFTConfig, None, ["train.lr=3e-4", "train.max_steps=7", "data.weight_clip=null",
                                         "train.betas=[0.9, 0.99]"])
     assert cfg.train.lr == 3e-4 and cfg.train.max_steps == 7 and cfg.train.betas == (0.9, 0.99)
+
+
+def test_data_stats_on_the_polyalign_layout(capsys):
+    from conftest import POLYALIGN_FORMAT
+    assert main(["data", "stats", str(POLYALIGN_FORMAT), "--legacy-tokens"]) == 0
+    out = capsys.readouterr().out
+    # 44 records in 9 buckets: the 9 records of en|single|qa|short weigh 44 / (9 * 9)
+    assert "en|single|qa|short" in out and "0.5432" in out and "44 records in 9 buckets" in out
+    assert "2 empty responses" in out
 
 
 def test_data_stats_on_the_authors_sample(sample_dir, capsys):
@@ -89,6 +100,14 @@ def test_demo_pipeline_end_to_end(tmp_path, capsys):
                                                          ("HDPO", "oracle"), ("HDPO", "prior")}
     assert all(set(r["buckets"]) == {x.bucket_id for x in demo_records("test")} for r in runs)
     assert "Evaluation report" in out and "HDPO (prior)" in out
+    # report.md says what happened: verdicts per profile, the training tables, held-out accuracy
+    report = (tmp_path / "report.md").read_text()
+    for profile in ("oracle", "prior"):
+        assert f"## Verdict: HDPO vs SFT (profile {profile})" in report
+    assert re.search(r"band distance to the human support \(lower is better\): HDPO moved \d+ "
+                     r"of \d+ buckets toward the human side", report)
+    assert "## Training" in report and "held-out pairs: reward accuracy" in report
+    assert "| loss SFT" in report and "| macro" in report
     assert summary["hdpo_tokens_per_s"] > 0 and summary["pairs"]["kept"] > 0
 
 

@@ -81,7 +81,8 @@ def test_eval_command_and_compare(data, tmp_path, capsys):
     assert main(["eval", "--predictions", str(preds), "--data", "demo:test", "--references",
                  "demo:train", "--out", str(tmp_path / "a"), "--profile", "none"]) == 0
     assert main(["eval", "--predictions", str(preds), "--data", "demo:test", "--references",
-                 "demo:train", "--out", str(tmp_path / "b"), "--title", "again"]) == 0
+                 "demo:train", "--out", str(tmp_path / "b"), "--title", "again",
+                 "--profile", "prior"]) == 0
     assert main(["eval", "--compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out",
                  str(tmp_path / "c")]) == 0
     text = (tmp_path / "c" / "report.md").read_text()

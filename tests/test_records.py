@@ -6,16 +6,17 @@ from polyfast.data import bucket_weights, load_records, profile_prompt, read_rec
 from polyfast.errors import DataError
 
 
-# --- the authors' released sample ---------------------------------------------------------
+# --- the released PolyAlign layout: synthetic rows (always), the authors' sample (when present) ---
 
-@pytest.mark.parametrize("name", ["dist_sft_val.json", "dist_sft_test.json"])
-def test_authors_sample_buckets_and_weights(sample_dir, name, tmp_path):
-    path = sample_dir / name
+
+def _check_polyalign_file(path, tmp_path):
+    """Buckets, bins, weights, profile prompts, history and prompt parts of a file in the layout
+    of the released dist_sft_*.json, each checked against what the file ships."""
     raw = json.loads(path.read_text())
     records = load_records(path, legacy_tokens=True)
-    assert len(records) == len(raw) == 2000
+    assert len(records) == len(raw)
     # recompute every bucket from the response alone: strip the shipped bin and bucket id
-    stripped = tmp_path / name
+    stripped = tmp_path / path.name
     stripped.write_text(json.dumps([{k: v for k, v in r.items() if k not in ("length_bin", "bucket_id")}
                                     for r in raw]))
     derived = load_records(stripped, legacy_tokens=True)
@@ -33,6 +34,19 @@ def test_authors_sample_buckets_and_weights(sample_dir, name, tmp_path):
     assert multi and all(rec.history == tuple(map(tuple, row["history"])) for rec, row in multi)
     assert all(rec.question == row["instruction"] and rec.context == row["input"]
                for rec, row in zip(records, raw))
+    return records
+
+
+def test_polyalign_layout_buckets_and_weights(tmp_path):
+    from conftest import POLYALIGN_FORMAT
+    records = _check_polyalign_file(POLYALIGN_FORMAT, tmp_path)
+    assert len({r.bucket_id for r in records}) == 9 and len({r.length_bin for r in records}) == 4
+    assert sum(not r.response for r in records) == 2  # unanswerable QA rows: empty, kept
+
+
+@pytest.mark.parametrize("name", ["dist_sft_val.json", "dist_sft_test.json"])
+def test_authors_sample_buckets_and_weights(sample_dir, name, tmp_path):
+    assert len(_check_polyalign_file(sample_dir / name, tmp_path)) == 2000
 
 
 def test_bucket_weights_power_and_clip():
@@ -91,7 +105,14 @@ def test_alpaca_json_without_metadata(tmp_path):
     p = _write(tmp_path, "a.json", [{"instruction": "Summarise", "input": "Long text", "output": "Short.",
                                      "history": [["q", "a"]]}])
     (r,) = load_records(p)
-    assert r.id == "a:1" and r.prompt == "Summarise\nLong text" and r.track == "multi"
+    assert r.prompt == "Summarise\nLong text" and r.track == "multi"
+    # no id in the row: a hash of its content, so a sliced or reordered file keeps it
+    assert len(r.id) == 12 and int(r.id, 16) >= 0
+    row = json.loads(p.read_text())[0]
+    other = {"instruction": "Other", "output": "Else."}
+    q = _write(tmp_path, "b.json", [other, row, row])  # moved, and repeated: the repeat gets #2
+    ids = [x.id for x in load_records(q)]
+    assert ids[1:] == [r.id, r.id + "#2"] and ids[0] != r.id
 
 
 # --- bad input ----------------------------------------------------------------------------

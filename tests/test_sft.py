@@ -10,6 +10,7 @@ import torch
 from polyfast.config import SFTConfig, load_config
 from polyfast.data import bucket_weights, byte_tokenizer, demo_records, encode_records
 from polyfast.data.tokenize import fit_length
+from polyfast.errors import Interrupted
 from polyfast.kernels import linear_ce_reference
 from polyfast.model import head_weight, set_packed
 from polyfast.train.sft import PreparedData, SFTTrainer
@@ -117,7 +118,8 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path):
             raise KeyboardInterrupt  # the run dies during step 5
         return real_step(packs)
     first.train_step = crash_after_three
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Interrupted, match=r"interrupted at step 4 of 6; the last checkpoint is "
+                                          r".*step_000003"):  # Ctrl-C: where, and what resumes
         first.fit()
     ckpts = os.listdir(os.path.join(first.cfg.run_dir, "checkpoints"))
     assert ckpts == ["step_000003"]  # written atomically: no temporary left behind
@@ -129,7 +131,10 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path):
                                                            "step_000003", "hf"))
     for (name, p), q in zip(resumed.model.state_dict().items(), hf.state_dict().values()):
         assert torch.equal(p, q), name
-    resumed.fit()
+    result = resumed.fit()
+    # the closing table compares with the run's own evaluation before step 1, kept in the log
+    assert result["eval_before"] and result["eval_before"]["buckets"]
+    assert result["summary"]["steps_run"] == 3 and result["summary"]["resumed_from_step"] == 3
     got = _losses(resumed.cfg.run_dir)
     for step in range(1, 7):
         assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), step

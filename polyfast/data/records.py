@@ -8,13 +8,15 @@ Formats, detected per row:
 - chat JSONL with a ``messages`` list of ``{"role", "content"}`` (system?, user, assistant, ...,
   ending on the assistant response).
 
-Rows are numbered from 1 (the line of a JSONL file, the position in a JSON array). Bad rows raise
+Rows are numbered from 1 (the line of a JSONL file, the position in a JSON array); a row without
+an ``id`` gets a hash of its content, so that a sliced or reordered file keeps its ids. Bad rows raise
 :class:`DataError` naming file and row; with ``skip_bad_rows=True`` they are skipped and counted.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -294,30 +296,103 @@ def _iter_rows(path: str, skip_bad_rows: bool, report: LoadReport) -> Iterator[t
             report.first_errors.append(f"{path}:{lineno}: {kind}")
 
 
+HF_PREFIX = "hf:"
+
+
+def _is_dataset_dir(path: str) -> bool:
+    return os.path.isdir(path) and any(
+        os.path.exists(os.path.join(path, f)) for f in ("dataset_dict.json", "state.json"))
+
+
+def dataset_rows(path: str, split: str = "") -> Iterator[tuple[int, dict]] | None:
+    """Rows of a Hugging Face ``datasets`` source, numbered from 1, or None when ``path`` is a
+    plain JSON/JSONL file: a ``save_to_disk`` directory (of a Dataset, or of a DatasetDict whose
+    split is ``split``, or its only one), a ``.parquet`` or ``.arrow`` file, or ``hf:NAME[:SPLIT]``
+    (a Hub dataset, default split ``split`` or train). Columns a row leaves empty (None) are
+    dropped, so each row reads as the JSON object it would be in a JSONL file."""
+    if path.startswith(HF_PREFIX):
+        ds = _hub_dataset(path, split)
+    elif _is_dataset_dir(path):
+        import datasets
+        try:
+            ds = datasets.load_from_disk(path)
+        except (OSError, ValueError, FileNotFoundError) as e:
+            raise DataError(f"datasets cannot load this directory: {e}", path) from None
+        if isinstance(ds, datasets.DatasetDict):
+            names = list(ds)
+            if split in ds:
+                ds = ds[split]
+            elif len(names) == 1:
+                ds = ds[names[0]]
+            else:
+                raise DataError(f"a DatasetDict with splits {', '.join(names)} and none named "
+                                f"{split or '(no split asked)'!r}: give a split's directory "
+                                f"({os.path.join(path, names[0])})", path)
+    elif path.endswith((".parquet", ".arrow")) and os.path.isfile(path):
+        import datasets
+        try:
+            ds = (datasets.Dataset.from_parquet(path) if path.endswith(".parquet")
+                  else datasets.Dataset.from_file(path))
+        except Exception as e:  # pyarrow's errors have no common base beyond Exception
+            raise DataError(f"not a readable {os.path.splitext(path)[1]} file: {e}", path) from None
+    else:
+        return None
+    return ((i, {k: v for k, v in row.items() if v is not None})
+            for i, row in enumerate(ds, start=1))
+
+
+def _hub_dataset(path: str, split: str):
+    """``hf:NAME[:SPLIT]`` from the Hub (or the local datasets cache)."""
+    import datasets
+
+    name, _, want = path[len(HF_PREFIX):].partition(":")
+    if not name:
+        raise DataError("expected hf:NAME or hf:NAME:SPLIT", path)
+    want = want or split or "train"
+    try:
+        return datasets.load_dataset(name, split=want)
+    except Exception as e:  # offline, unknown name or split: the Hub client's errors vary
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"cannot load the Hub dataset {name!r} split {want!r} (offline, or no "
+                        f"such dataset or split?): {first}", path) from None
+
+
 def _reason(message: str) -> str:
     """A skip reason to count under: the message with row-specific numbers and values blanked."""
     return re.sub(r"\d+|'[^']*'|\"[^\"]*\"", "#", message)[:80]
 
 
+def content_id(row: Any, seen: Counter) -> str:
+    """The id of a row that has none: a hash of its content (so a subset or a reordering of the
+    file keeps every row's id), with ``#k`` for the k-th repeat of the same content."""
+    text = json.dumps(row, sort_keys=True, ensure_ascii=False, default=str)
+    digest = hashlib.sha1(text.encode("utf-8")).hexdigest()[:12]
+    seen[digest] += 1
+    return digest if seen[digest] == 1 else f"{digest}#{seen[digest]}"
+
+
 def read_rows(path: str | os.PathLike, parse, *, skip_bad_rows: bool = False, kind: str = "records",
-              unique=None):
-    """Parse every row of a .jsonl/.json file with ``parse(row, default_id)`` (which raises
+              unique=None, split: str = ""):
+    """Parse every row of a data source (see ``dataset_rows`` for the Hugging Face datasets forms;
+    ``split`` picks a DatasetDict's split) with ``parse(row, default_id)`` (which raises
     ValueError on a bad row) into items with an ``id``; duplicates are bad rows too: items with the
     same id, or with the same ``unique`` (name, key function) where several items may share an id.
     Returns (items, LoadReport); DataError names file and row unless ``skip_bad_rows``."""
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise DataError("no such file", path)
-    if os.path.isdir(path):
-        raise DataError("is a directory; expected a .jsonl or .json file", path)
-    stem = os.path.splitext(os.path.basename(path))[0]
+    rows = dataset_rows(path, split)
+    if rows is None:
+        if not os.path.exists(path):
+            raise DataError("no such file", path)
+        if os.path.isdir(path):
+            raise DataError("is a directory, but not one datasets' save_to_disk wrote; expected "
+                            "a .jsonl/.json/.parquet/.arrow file or such a directory", path)
     report = LoadReport(path)
-    items, seen = [], {}
+    items, seen, hashes = [], {}, Counter()
     what, key = unique or ("id", lambda item: item.id)
-    for row_no, row in _iter_rows(path, skip_bad_rows, report):
+    for row_no, row in rows if rows is not None else _iter_rows(path, skip_bad_rows, report):
         report.rows += 1
         try:
-            item = parse(row, f"{stem}:{row_no}")
+            item = parse(row, content_id(row, hashes))
             if key(item) in seen:
                 raise ValueError(f"duplicate {what} {item.id!r} (first at row {seen[key(item)]})")
         except ValueError as e:
@@ -344,7 +419,7 @@ def read_records(path: str | os.PathLike, *, skip_bad_rows: bool = False, legacy
         rec = make_record(**_parse_row(row, default_id), legacy_tokens=legacy_tokens)
         return dataclasses.replace(rec, split=split) if split and not rec.split else rec
 
-    records, report = read_rows(path, parse, skip_bad_rows=skip_bad_rows)
+    records, report = read_rows(path, parse, skip_bad_rows=skip_bad_rows, split=split)
     report.empty_responses = sum(not r.response.strip() for r in records)
     if report.empty_responses:
         log.info("%s: %d records have an empty response", report.path, report.empty_responses)

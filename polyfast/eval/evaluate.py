@@ -24,18 +24,20 @@ from . import metrics as M
 
 PROFILES = ("oracle", "prior", "none")
 SUMMARY_KEYS = ("f1", "rouge_l", "exact_match", "distinct_1", "distinct_2", "distinct_3",
-                "self_bleu4", "bng", "hcr", "distance", "bin_agreement", "length_w1", "tdm",
-                "c_mauve")
+                "self_bleu4", "bng", "hcr", "in_band", "distance", "bin_agreement", "length_w1",
+                "tdm", "c_mauve", "empty")
 
 
-def align(records: Sequence[Record], predictions: dict[str, str], source: str = "predictions") -> list[str]:
-    """The predictions in record order; DataError naming the first missing or extra id."""
+def align(records: Sequence[Record], predictions: dict[str, str], source: str = "predictions",
+          subset: bool = False) -> list[str]:
+    """The predictions in record order; DataError naming the first missing or extra id (extra
+    ids are fine when ``records`` is a subset of what was generated for)."""
     ids = [r.id for r in records]
     missing = [i for i in ids if i not in predictions]
     if missing:
         raise DataError(f"no prediction for record id {missing[0]!r} ({len(missing)} missing)", source)
     extra = sorted(set(predictions) - set(ids))
-    if extra:
+    if extra and not subset:
         raise DataError(f"prediction id {extra[0]!r} is not in the test records ({len(extra)} extra)",
                         source)
     return [predictions[i] for i in ids]
@@ -115,14 +117,38 @@ def mauve_available() -> bool:
     return importlib.util.find_spec("mauve") is not None
 
 
+def _empty(text: str) -> bool:
+    return not text.strip()
+
+
+def stratified_subset(records: Sequence[Record], n: int, seed: int = 0) -> list[Record]:
+    """``n`` records drawn (seeded) with every bucket in proportion to its size, each bucket
+    represented while ``n`` allows; in the records' order."""
+    if n <= 0 or n >= len(records):
+        return list(records)
+    by_bucket = defaultdict(list)
+    for i, r in enumerate(records):
+        by_bucket[r.bucket_id].append(i)
+    rng = random.Random(seed)
+    keyed = []  # the j-th draw of a bucket of size m ranks at j / m: the first of every bucket first
+    for _, ix in sorted(by_bucket.items()):
+        ix = rng.sample(ix, len(ix))
+        keyed += [(j / len(ix), rng.random(), i) for j, i in enumerate(ix)]
+    return [records[i] for i in sorted(i for *_, i in sorted(keyed)[:n])]
+
+
 def evaluate(records: Sequence[Record], preds: Sequence[str], train: Sequence[Record], *,
-             seed: int = 0, self_bleu_sample: int = 100, featurizer=None) -> dict:
+             seed: int = 0, self_bleu_sample: int = 100, featurizer=None,
+             band_floor: str = "language") -> dict:
     """Per-bucket metrics, with macro (mean over buckets) and weighted (by count) summaries.
 
+    Exact match, F1 and ROUGE-L leave out records whose gold answer is empty (counted as
+    ``empty_references``): an empty generation would match them. ``empty`` is the share of empty
+    (whitespace-only) generations, ``human_empty`` that of the bucket's TRAIN humans.
     ``featurizer`` = (model, tokenizer) adds C-MAUVE (needs mauve-text): MAUVE per bucket between
     the generations and the bucket's TRAIN human responses in the featuriser's embedding space.
     """
-    refs = text_references(train)
+    refs = text_references(train, band_floor=band_floor)
     train_feats = feature_matrix(r.response for r in train)
     gen_feats = feature_matrix(preds)
     distances = refs.distance(gen_feats, [r.bucket_id for r in records])
@@ -140,16 +166,24 @@ def evaluate(records: Sequence[Record], preds: Sequence[str], train: Sequence[Re
         bng, left_out = M.bng(gen_feats[idx], train_feats[hum_idx])
         gen_len = [token_count(x) for x in p]
         hum_len = [token_count(r.response) for r in recs]
+        scored = [(x, r.response) for x, r in zip(p, recs) if not _empty(r.response)]
+        utility = lambda fn: float(np.mean([fn(x, y) for x, y in scored])) if scored else float("nan")  # noqa: E731
+        q10, q90 = np.array(st["q10"]), np.array(st["q90"])
         row = {
             "n": len(idx),
-            "exact_match": float(np.mean([M.exact_match(x, r.response) for x, r in zip(p, recs)])),
-            "f1": float(np.mean([M.token_f1(x, r.response) for x, r in zip(p, recs)])),
-            "rouge_l": float(np.mean([M.rouge_l(x, r.response) for x, r in zip(p, recs)])),
+            "empty": float(np.mean([_empty(x) for x in p])),
+            "human_empty": float(np.mean([_empty(train[j].response) for j in hum_idx])),
+            "empty_references": len(p) - len(scored),
+            "exact_match": utility(M.exact_match), "f1": utility(M.token_f1),
+            "rouge_l": utility(M.rouge_l),
             "distinct_1": M.distinct_n(p, 1), "distinct_2": M.distinct_n(p, 2),
             "distinct_3": M.distinct_n(p, 3),
             "self_bleu4": M.self_bleu4(p, self_bleu_sample, seed),
             "bng": bng, "bng_features_left_out": left_out,
-            "hcr": M.hcr(gen_feats[idx], np.array(st["q10"]), np.array(st["q90"])),
+            "hcr": M.hcr(gen_feats[idx], q10, q90),
+            "in_band": M.in_band(gen_feats[idx], q10, q90),
+            "in_band_by_feature": dict(zip(refs.features,
+                                           M.in_band_by_feature(gen_feats[idx], q10, q90))),
             "distance": float(np.mean(distances[idx])), "reference_key": key,
             "bin_agreement": float(np.mean([length_bin(n) == r.length_bin
                                             for n, r in zip(gen_len, recs)])),

@@ -30,6 +30,8 @@ class GenerationConfig:
     system: str = "profile"      # profile | record | none
     seed: int = 0
     num_samples: int = 1         # responses per prompt (more than one needs do_sample)
+    profile: str = ""            # the evaluation profile label the rows carry (oracle|prior|none)
+    max_prompt_tokens: int | None = None  # None: the model's context less max_new_tokens
 
     def __post_init__(self):
         from ..errors import ConfigError
@@ -52,11 +54,30 @@ def load_for_generation(path: str, device: str | torch.device = "cpu", key: str 
     return model, load_tokenizer(path)
 
 
+def prompt_budget(model, cfg: GenerationConfig) -> int | None:
+    """The longest prompt that leaves room for ``max_new_tokens`` in the model's context
+    (``cfg.max_prompt_tokens`` if set); None when the model states no context length."""
+    from ..errors import ConfigError
+
+    if cfg.max_prompt_tokens is not None:
+        return cfg.max_prompt_tokens
+    ctx = getattr(model.config, "max_position_embeddings", None)
+    if not ctx:
+        return None
+    if ctx - cfg.max_new_tokens < 1:
+        raise ConfigError("--max-new-tokens", f"{cfg.max_new_tokens} new tokens leave no room for "
+                          f"a prompt in the model's context of {ctx} tokens")
+    return ctx - cfg.max_new_tokens
+
+
 @torch.no_grad()
 def generate(model, tokenizer, records: Sequence[Record], cfg: GenerationConfig = GenerationConfig(),
              progress: bool = True) -> list[dict]:
-    """One row per record: {"id", "bucket_id", "prediction", "prompt_tokens", "new_tokens"}, and
-    with ``cfg.num_samples`` K > 1 "predictions" (K strings) and "new_tokens" for each."""
+    """One row per record: {"id", "bucket_id", "prediction", "prompt_tokens", "new_tokens",
+    "prompt_truncated"} (+ "profile" when ``cfg.profile`` is set), and with ``cfg.num_samples``
+    K > 1 "predictions" (K strings) and "new_tokens" for each. A prompt longer than the model's
+    context less ``max_new_tokens`` is cut from the left; "prompt_truncated" counts the tokens
+    cut."""
     from ..model import set_packed
 
     set_packed(model, False)
@@ -65,6 +86,9 @@ def generate(model, tokenizer, records: Sequence[Record], cfg: GenerationConfig 
     prompts = [tokenizer.apply_chat_template(messages_for(r, cfg.system)[:-1], tokenize=False,
                                              add_generation_prompt=True) for r in records]
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    budget = prompt_budget(model, cfg)
+    cut = [max(0, len(e) - budget) if budget else 0 for e in encoded]
+    encoded = [e[c:] for e, c in zip(encoded, cut)]
     order = sorted(range(len(records)), key=lambda i: len(encoded[i]))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     torch.manual_seed(cfg.seed)
@@ -93,7 +117,10 @@ def generate(model, tokenizer, records: Sequence[Record], cfg: GenerationConfig 
                 lengths.append(len(row))
             rec = records[i]
             out[i] = {"id": rec.id, "bucket_id": rec.bucket_id, "prediction": texts[0],
-                      "prompt_tokens": len(encoded[i]), "new_tokens": lengths[0]}
+                      "prompt_tokens": len(encoded[i]), "new_tokens": lengths[0],
+                      "prompt_truncated": cut[i]}
+            if cfg.profile:
+                out[i]["profile"] = cfg.profile
             if K > 1:
                 out[i].update(predictions=texts, new_tokens=lengths)
         bar.update(len(idx))
@@ -145,6 +172,22 @@ def load_predictions(path: str) -> dict[str, str]:
     """id -> prediction (the first sample where a row holds several) from a predictions JSONL
     file; bad rows are DataErrors naming the row."""
     return {key: row["prediction"] for _, key, row in _prediction_rows(path)}
+
+
+def predictions_profile(path: str) -> str | None:
+    """The profile label ``generate`` stored in a predictions file (None when its rows have
+    none); rows that disagree are a DataError naming the first that differs."""
+    from ..errors import DataError
+
+    label, first = None, None
+    for n, _, row in _prediction_rows(path):
+        p = row.get("profile")
+        if first is None:
+            label, first = p, n
+        elif p != label:
+            raise DataError(f"profile {p!r} differs from row {first}'s {label!r}: the file mixes "
+                            "generations of several profiles", path, n)
+    return label
 
 
 def load_samples(path: str) -> dict[str, list[str]]:

@@ -8,8 +8,9 @@ character its own token, so Chinese answers are not scored as one token.
 - diversity: distinct-1/2/3 over a corpus, self-BLEU-4 (each of a seeded sample against the rest);
 - distribution: BNG = mean_f W1(gen_f, hum_f) / std(hum_f) per bucket against the TRAIN human
   features (features constant among the humans are left out and counted); HCR = share of
-  generations inside the [q10, q90] band of every feature; mean band distance to the bucket's
-  human support; length-bin agreement and W1 of response lengths;
+  generations inside the [q10, q90] band of every feature, and the in-band share per feature
+  (and its mean over features); mean band distance to the bucket's human support; length-bin
+  agreement and W1 of response lengths;
 - TDM (multi-turn buckets): length ratio to the user turn and TF-IDF/SVD cosine coupling with it,
   each compared with the humans' by W1 / std, averaged;
 - C-MAUVE (optional, evaluate.py): MAUVE per bucket in a local featuriser LM's embedding space.
@@ -139,6 +140,19 @@ def hcr(gen: np.ndarray, q10: np.ndarray, q90: np.ndarray) -> float:
     if len(gen) == 0:
         return float("nan")
     return float(((gen >= q10) & (gen <= q90)).all(1).mean())
+
+
+def in_band_by_feature(gen: np.ndarray, q10: np.ndarray, q90: np.ndarray) -> list[float]:
+    """Per feature, the share of rows inside its [q10, q90] band."""
+    if len(gen) == 0:
+        return [float("nan")] * len(q10)
+    return ((gen >= q10) & (gen <= q90)).mean(0).tolist()
+
+
+def in_band(gen: np.ndarray, q10: np.ndarray, q90: np.ndarray) -> float:
+    """The per-feature in-band share averaged over features: informative where the strict HCR
+    (every feature at once) is 0."""
+    return float(np.mean(in_band_by_feature(gen, q10, q90)))
 
 
 def w1_over_std(gen: Sequence[float], hum: Sequence[float]) -> float:

@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import save_config
-from ..errors import ConfigError, NonFiniteError, RunError
+from ..errors import ConfigError, Interrupted, NonFiniteError, RunError
 from ..model import TrunkHead, autocast_context, resolve_device, set_tf32
 from . import rundir
 from .checkpoint import (CheckpointUnreadable, export_pretrained, list_checkpoints,
@@ -279,16 +279,60 @@ class Trainer:
             random.seed(cfg.seed)
             np.random.seed(cfg.seed)
             torch.manual_seed(cfg.seed)
-        metrics = MetricsLog(cfg.run_dir, resume_step=self.step if resumed else None, enabled=main)
+        metrics = MetricsLog(cfg.run_dir, resume_step=self.step if resumed else None, enabled=main,
+                             report_to=t.report_to)
+        try:
+            return self._train(metrics, resumed)
+        finally:
+            metrics.close()
+
+    def _train(self, metrics: MetricsLog, resumed: bool) -> dict:
+        cfg, t = self.cfg, self.cfg.train
+        main = self.dist.main
+        if main:
+            print(f"{self.name} data: {self.data_summary()}", flush=True)
         if resumed:
+            if main:
+                print(f"{self.name}: resumed from step {self.step} of {self.total_steps} "
+                      f"({self.resumed_from})", flush=True)
             metrics.write({"event": "resume", "step": self.step, "checkpoint": self.resumed_from})
+            eval_before = metrics.first("eval") or {}  # the run's own, from before its first step
         else:
             metrics.write({"event": "data", **self.start_row()})
-        eval_before = self.evaluate() if not resumed else {}
-        if eval_before:
-            metrics.write({"event": "eval", "step": self.step, **eval_before})
+            eval_before = self.evaluate()
+            if eval_before:
+                metrics.write({"event": "eval", "step": self.step, **eval_before})
         bar = tqdm(total=self.total_steps, initial=self.step, desc=self.name, unit="step",
                    disable=not (t.progress and main), dynamic_ncols=True)
+        first_step = self.step
+        t0 = time.perf_counter()
+        try:
+            last, tokens = self._loop(metrics, bar)
+        except KeyboardInterrupt:
+            bar.close()
+            ckpts = list_checkpoints(cfg.run_dir)
+            raise Interrupted(self.step, self.total_steps, ckpts[-1] if ckpts else None) from None
+        bar.close()
+        self._handle_bad(self.guard.poll(wait=True), metrics)
+        train_time = time.perf_counter() - t0
+        eval_after = self.evaluate()
+        if eval_after:
+            metrics.write({"event": "eval", "step": self.step, **eval_after})
+        self._check_parameters("the final export")
+        export = self.export(os.path.join(cfg.run_dir, "final"))
+        summary = {"event": "summary", "steps": self.step, "steps_run": self.step - first_step,
+                   "resumed_from_step": first_step if resumed else None,
+                   "train_seconds": train_time,
+                   "tokens": tokens, "tokens_per_s": tokens / max(train_time, 1e-9),
+                   "final_loss": last.get("loss"), "skipped_steps": [b.step for b in self.skipped],
+                   "export": export, **self.summary_extra()}
+        metrics.write(summary)
+        return {"summary": summary, "eval_before": eval_before, "eval_after": eval_after}
+
+    def _loop(self, metrics: MetricsLog, bar) -> tuple[dict, int]:
+        """The optimizer steps to ``total_steps``: (the last train row, the tokens of the steps
+        run)."""
+        t = self.cfg.train
         tokens = 0
         t0 = time.perf_counter()
         last: dict = {}
@@ -309,23 +353,15 @@ class Trainer:
                 self._handle_bad(self.guard.poll(wait=True), metrics)
                 self.save()
             bar.update(1)
-        bar.close()
-        self._handle_bad(self.guard.poll(wait=True), metrics)
-        train_time = time.perf_counter() - t0
-        eval_after = self.evaluate()
-        if eval_after:
-            metrics.write({"event": "eval", "step": self.step, **eval_after})
-        self._check_parameters("the final export")
-        export = self.export(os.path.join(cfg.run_dir, "final"))
-        summary = {"event": "summary", "steps": self.step, "train_seconds": train_time,
-                   "tokens": tokens, "tokens_per_s": tokens / max(train_time, 1e-9),
-                   "final_loss": last.get("loss"), "skipped_steps": [b.step for b in self.skipped],
-                   "export": export, **self.summary_extra()}
-        metrics.write(summary)
-        return {"summary": summary, "eval_before": eval_before, "eval_after": eval_after}
+        return last, tokens
 
     def summary_extra(self) -> dict:
         return {}
+
+    def data_summary(self) -> str:
+        """One line on what the data became (kept, dropped, truncated, skipped rows per split),
+        printed when training starts."""
+        return ""
 
     def export(self, out_dir: str) -> str:
         """save_pretrained + tokenizer; a sharded policy is gathered and written by rank 0."""

@@ -12,6 +12,7 @@ change it.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -40,7 +41,6 @@ METRICS = ("rewards_chosen", "rewards_rejected", "accuracy", "margin", "dist_reg
 
 def _frozen(model_cfg, path: str, tokenizer, device):
     """A frozen copy of a checkpoint (the reference, or the LM critic): eval mode, no grad."""
-    import dataclasses
     cfg = dataclasses.replace(model_cfg, path=path, activation_checkpointing=False)
     model = load_model(cfg, tokenizer, device=device)
     return model.eval().requires_grad_(False)
@@ -146,11 +146,12 @@ class HDPOTrainer(Trainer):
                                     system=self.cfg.data.system_prompt,
                                     max_tokens=self.cfg.data.max_tokens // 2)
             nll = np.array([[-x.mean()] for x in lps])
-            self._lm_refs = References.build(human, nll, ["lm_nll"], h.min_bucket_size)
+            self._lm_refs = References.build(human, nll, ["lm_nll"], h.min_bucket_size,
+                                             h.band_floor)
         bands = [self._lm_refs.lookup(p.bucket_id)[1] for p in pairs]
         q10 = torch.tensor([b["q10"][0] for b in bands])
         q90 = torch.tensor([b["q90"][0] for b in bands])
-        scale = torch.tensor([max(b["q90"][0] - b["q10"][0], b["std"][0], 1e-6) for b in bands])
+        scale = torch.tensor([float(self._lm_refs.scale(p.bucket_id)[0]) for p in pairs])
         return q10, q90, scale
 
     def _human_records(self, indices):
@@ -166,11 +167,12 @@ class HDPOTrainer(Trainer):
         if not hasattr(self, "_frefs"):
             h = self.cfg.hdpo
             if h.references:
-                self._frefs = References.load(h.references)
+                self._frefs = dataclasses.replace(References.load(h.references),
+                                                  band_floor=h.band_floor)
             else:  # the human side of the TRAIN pairs
                 recs = self._human_records(range(len(self.pairs)))
                 self._frefs = References.build(recs, feature_matrix(r.response for r in recs),
-                                               FEATURE_NAMES, h.min_bucket_size)
+                                               FEATURE_NAMES, h.min_bucket_size, h.band_floor)
         return self._frefs
 
     # -- reference log-probs, cached on disk ---------------------------------------------------
@@ -322,6 +324,12 @@ class HDPOTrainer(Trainer):
                 per_pair[k].append(m[k])
             buckets += [g.bucket for g in pack for _ in g.pairs]
         return _summarise({k: torch.cat(v) for k, v in per_pair.items()}, buckets)
+
+    def data_summary(self) -> str:
+        val = f"; val: {len(self.val_pairs):,} pairs" if self.val_pairs else ""
+        return (f"train: {len(self.pairs):,} pairs in {len(self.examples):,} groups "
+                f"({describe_counts(self.counts)}){val}; {len(self.bucket_names)} buckets, "
+                f"{len(self._packs(0))} packs per epoch")
 
     def start_row(self) -> dict:
         return {"pairs": len(self.pairs), "val_pairs": len(self.val_pairs),

@@ -32,7 +32,7 @@ RESUMABLE_KEYS = {
     "run_dir", "train.resume", "train.overwrite", "train.progress", "train.log_every",
     "train.eval_every", "train.save_every", "train.keep_checkpoints", "train.checkpoint_hf",
     "train.device", "train.num_threads", "train.tf32", "train.loss_backend", "train.nonfinite",
-    "train.max_skipped_steps", "train.grad_accum", "model.activation_checkpointing",
+    "train.max_skipped_steps", "train.grad_accum", "train.report_to", "model.activation_checkpointing",
     "model.compile", "model.liger",
     "hdpo.loss_backend", "hdpo.frozen", "data.val", "data.val_pairs", "data.test",
 }

@@ -162,6 +162,14 @@ class SFTTrainer(Trainer):
                 "bucket_weights": self.data.weights,
                 "counts": {k: dict(v) for k, v in self.data.counts.items()}}
 
+    def data_summary(self) -> str:
+        d = self.cfg.data
+        parts = [describe_split(split, c, "examples", d.max_tokens)
+                 for split, c in self.data.counts.items() if c]
+        return (f"{'; '.join(parts)}; {len(self.data.bucket_names)} buckets, "
+                f"{len(self._packs(0))} packs per epoch (packing efficiency "
+                f"{self.efficiency():.3f})")
+
     def efficiency(self) -> float:
         return packing_efficiency(self._packs(0), self.cfg.data.max_tokens, self.cfg.data.packing)
 
@@ -197,6 +205,20 @@ def per_bucket_loss(model, examples: list[Example], bucket_names: list[str], max
     buckets = {b: sums[i] / counts[b] for i, b in enumerate(bucket_names) if counts[b]}
     return {"buckets": buckets, "macro": float(np.mean(list(buckets.values()))),
             "mean": sum(sums) / len(examples), "examples": len(examples)}
+
+
+def describe_split(split: str, counts: Counter, what: str, max_tokens: int) -> str:
+    """``train: 1,480 examples kept, 75 dropped (longer than 2048 tokens), 216 prompts cut from
+    the left, 3 bad rows skipped``: what happened to one split's data."""
+    out = [f"{split}: {counts.get('kept', 0):,} {what} kept"]
+    if counts.get("dropped_overlong"):
+        out.append(f"{counts['dropped_overlong']:,} dropped (longer than {max_tokens} tokens)")
+    if counts.get("truncated_prompt"):
+        out.append(f"{counts['truncated_prompt']:,} prompts cut from the left to fit")
+    skipped = sum(v for k, v in counts.items() if k.startswith("skipped_rows"))
+    if skipped:
+        out.append(f"{skipped:,} bad rows skipped")
+    return ", ".join(out)
 
 
 def eval_table(before: dict, after: dict) -> str:
