@@ -193,13 +193,15 @@ def test_records_and_pairs_from_datasets_forms(tmp_path):
     ds = datasets.Dataset.from_list(rows)
     ds.to_parquet(str(tmp_path / "r.parquet"))
     ds.save_to_disk(str(tmp_path / "ds"))
-    datasets.DatasetDict({"train": ds, "test": ds.select(range(5))}).save_to_disk(str(tmp_path / "dd"))
+    datasets.DatasetDict({"train": ds, "validation": ds.select(range(3)),
+                          "test": ds.select(range(5))}).save_to_disk(str(tmp_path / "dd"))
     arrow = next(p for p in os.listdir(tmp_path / "ds") if p.endswith(".arrow"))
     for path in ("r.parquet", "ds", os.path.join("ds", arrow)):
         assert load_records(tmp_path / path, legacy_tokens=True) == want, path
     test = load_records(tmp_path / "dd", split="test", legacy_tokens=True)
     assert [r.id for r in test] == [r.id for r in want[:5]]  # content ids survive the slice
-    with pytest.raises(Exception, match="splits train, test"):
+    assert len(load_records(tmp_path / "dd", split="val")) == 3  # the val role: "validation"
+    with pytest.raises(Exception, match="splits train, validation, test and none for"):
         load_records(tmp_path / "dd")
     # a bad row in a Parquet file is named by its row number, as in JSONL
     rows[3]["dist_sft_weight"] = -1.0
@@ -226,8 +228,12 @@ def test_hub_datasets_offline_is_a_clear_error(monkeypatch):
                                         r"'someone/data' split 'dev' \(offline"):
         load_records("hf:someone/data:dev")
     assert asked == {"name": "someone/data", "split": "dev"}
-    with pytest.raises(Exception, match="split 'val'"):
-        load_records("hf:someone/data", split="val")  # the data role's split by default
+    # without a split: the DatasetDict, from which the data role picks its split
+    ds = datasets.Dataset.from_list([{"instruction": "Q?", "output": "A."}])
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, split: asked.update(split=split)
+                        or datasets.DatasetDict({"train": ds, "validation": ds, "test": ds}))
+    assert [r.response for r in load_records("hf:someone/data", split="val")] == ["A."]
+    assert asked["split"] is None
 
 
 # -- 11. TensorBoard ------------------------------------------------------------------------------

@@ -304,57 +304,69 @@ def _is_dataset_dir(path: str) -> bool:
         os.path.exists(os.path.join(path, f)) for f in ("dataset_dict.json", "state.json"))
 
 
+# the split names a data role may have in a DatasetDict
+SPLIT_NAMES = {"train": ("train",), "val": ("val", "validation", "valid", "dev"),
+               "test": ("test",)}
+
+
 def dataset_rows(path: str, split: str = "") -> Iterator[tuple[int, dict]] | None:
     """Rows of a Hugging Face ``datasets`` source, numbered from 1, or None when ``path`` is a
-    plain JSON/JSONL file: a ``save_to_disk`` directory (of a Dataset, or of a DatasetDict whose
-    split is ``split``, or its only one), a ``.parquet`` or ``.arrow`` file, or ``hf:NAME[:SPLIT]``
-    (a Hub dataset, default split ``split`` or train). Columns a row leaves empty (None) are
-    dropped, so each row reads as the JSON object it would be in a JSONL file."""
+    plain JSON/JSONL file: a ``save_to_disk`` directory (of a Dataset, or of a DatasetDict: the
+    split named for the role ``split``, see ``SPLIT_NAMES``, or its only one), a ``.parquet`` or
+    ``.arrow`` file, or ``hf:NAME[:SPLIT]`` (a Hub dataset: SPLIT, else the split of the role).
+    Columns a row leaves empty (None) are dropped, so each row reads as the JSON object it would
+    be in a JSONL file."""
+    is_file = path.endswith((".parquet", ".arrow")) and os.path.isfile(path)
+    if not (path.startswith(HF_PREFIX) or is_file or _is_dataset_dir(path)):
+        return None
+    import datasets  # only for these sources: it takes a second to import
+
     if path.startswith(HF_PREFIX):
         ds = _hub_dataset(path, split)
-    elif _is_dataset_dir(path):
-        import datasets
+    elif not is_file:
         try:
             ds = datasets.load_from_disk(path)
-        except (OSError, ValueError, FileNotFoundError) as e:
+        except (OSError, ValueError) as e:
             raise DataError(f"datasets cannot load this directory: {e}", path) from None
-        if isinstance(ds, datasets.DatasetDict):
-            names = list(ds)
-            if split in ds:
-                ds = ds[split]
-            elif len(names) == 1:
-                ds = ds[names[0]]
-            else:
-                raise DataError(f"a DatasetDict with splits {', '.join(names)} and none named "
-                                f"{split or '(no split asked)'!r}: give a split's directory "
-                                f"({os.path.join(path, names[0])})", path)
-    elif path.endswith((".parquet", ".arrow")) and os.path.isfile(path):
-        import datasets
+    else:
         try:
             ds = (datasets.Dataset.from_parquet(path) if path.endswith(".parquet")
                   else datasets.Dataset.from_file(path))
         except Exception as e:  # pyarrow's errors have no common base beyond Exception
             raise DataError(f"not a readable {os.path.splitext(path)[1]} file: {e}", path) from None
-    else:
-        return None
+    if isinstance(ds, datasets.DatasetDict):
+        ds = _pick_split(ds, split, path)
     return ((i, {k: v for k, v in row.items() if v is not None})
             for i, row in enumerate(ds, start=1))
 
 
-def _hub_dataset(path: str, split: str):
-    """``hf:NAME[:SPLIT]`` from the Hub (or the local datasets cache)."""
+def _pick_split(dd, role: str, path: str):
+    """The split of a DatasetDict for a data role (train/val/test), or its only split."""
+    for name in SPLIT_NAMES.get(role, (role,) if role else ()):
+        if name in dd:
+            return dd[name]
+    if len(dd) == 1:
+        return next(iter(dd.values()))
+    names = ", ".join(dd)
+    raise DataError(f"a DatasetDict with splits {names} and none for {role or 'this input'!r}: "
+                    "name the split (a split's directory, or hf:NAME:SPLIT)", path)
+
+
+def _hub_dataset(path: str, role: str):
+    """``hf:NAME[:SPLIT]`` from the Hub (or the local datasets cache): a Dataset, or without
+    SPLIT the DatasetDict."""
     import datasets
 
     name, _, want = path[len(HF_PREFIX):].partition(":")
     if not name:
         raise DataError("expected hf:NAME or hf:NAME:SPLIT", path)
-    want = want or split or "train"
     try:
-        return datasets.load_dataset(name, split=want)
+        return datasets.load_dataset(name, split=want or None)
     except Exception as e:  # offline, unknown name or split: the Hub client's errors vary
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"cannot load the Hub dataset {name!r} split {want!r} (offline, or no "
-                        f"such dataset or split?): {first}", path) from None
+        which = f" split {want!r}" if want else ""
+        raise DataError(f"cannot load the Hub dataset {name!r}{which} (offline, or no such "
+                        f"dataset or split?): {first}", path) from None
 
 
 def _reason(message: str) -> str:
