@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections import defaultdict
 
@@ -45,7 +46,7 @@ def _cmd_sft(args) -> int:
 
 
 def _steps(s: dict) -> str:
-    """'120 steps' or, for a resumed run, 'steps 51-120 (resumed from step 50)'."""
+    """'120 steps' or, for a resumed run, '70 steps (51-120, resumed from step 50)'."""
     if s.get("resumed_from_step") is None:
         return f"{s['steps']} steps"
     return (f"{s['steps_run']} steps ({s['resumed_from_step'] + 1}-{s['steps']}, resumed from step "
@@ -118,7 +119,8 @@ def _cmd_generate(args) -> int:
     rows = generate(model, tok, records, cfg)
     save_predictions(rows, args.out)
     each = f" ({args.num_samples} samples each)" if args.num_samples > 1 else ""
-    print(f"{len(rows)} predictions{each} -> {args.out}" + _truncation_note(rows))
+    note = _truncation_note(rows)
+    print(f"{len(rows)} predictions{each} -> {args.out}" + (f"; {note}" if note else ""))
     return 0
 
 
@@ -128,8 +130,9 @@ SYSTEM_PROFILE = {"profile": "oracle", "record": "record", "none": "none"}
 
 
 def _truncation_note(rows) -> str:
+    """How many prompts generation cut to fit the model's context ("" when none)."""
     cut = [r["prompt_truncated"] for r in rows if r.get("prompt_truncated")]
-    return (f"; {len(cut)} prompts longer than the model's context (less --max-new-tokens) were "
+    return (f"{len(cut)} prompts longer than the model's context (less --max-new-tokens) were "
             f"cut from the left, {sum(cut)} tokens in all" if cut else "")
 
 
@@ -215,7 +218,6 @@ def _cmd_critic(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    import os
     from .eval.evaluate import align, compare, evaluate, prior_records, write_report
 
     if args.compare:
@@ -246,7 +248,7 @@ def _cmd_eval(args) -> int:
         save_predictions(rows, os.path.join(out, "predictions.jsonl"))
         note = _truncation_note(rows)
         if note:
-            print(note.removeprefix("; ").capitalize())
+            print(note)
         preds = [r["prediction"] for r in rows]
         title = args.title or os.path.basename(os.path.normpath(args.model))
     else:
@@ -307,16 +309,10 @@ def _cmd_data_stats(args) -> int:
 def _cmd_config(args) -> int:
     from .config import CONFIGS, load_config, show_config
 
-    cls = CONFIGS[args.kind]
-    if args.file:  # the file with its overrides applied, every key shown
-        cfg = load_config(cls, args.file, args.overrides)
-        print(show_config(cls, cfg), end="")
-        return 0
-    if args.overrides:
-        from .errors import ConfigError
-        raise ConfigError(args.overrides[0], "overrides need a config file (polyfast config show "
-                          f"{args.kind} FILE key=value)")
-    print(show_config(cls), end="")
+    path, overrides = args.file, list(args.overrides)
+    if path is not None and "=" in path and not os.path.exists(path):  # an override, no file
+        path, overrides = None, [path] + overrides
+    print(show_config(CONFIGS[args.kind], load_config(CONFIGS[args.kind], path, overrides)), end="")
     return 0
 
 

@@ -96,7 +96,8 @@ def test_eval_command_and_compare(data, tmp_path, capsys):
 
 
 def test_c_mauve_when_installed(data):
-    pytest.importorskip("mauve")
+    pytest.importorskip("mauve", reason="C-MAUVE needs the optional mauve extra: "
+                                        "pip install polyfast[mauve]")
     from polyfast.config import ModelConfig, TinyModelConfig
     from polyfast.data import byte_tokenizer
     from polyfast.model import load_model

@@ -85,9 +85,14 @@ def test_config_show_lists_every_key_with_its_meaning_and_loads_back(kind, tmp_p
     for indent, name in keys(CONFIGS[kind]()):
         line = next(x for x in lines if x.startswith(f"{indent}{name}:"))
         assert "  # " in line and len(line.split("  # ", 1)[1]) > 5, line
-    # a file with overrides, shown as loaded
+    # a file with overrides, or overrides alone, shown as loaded
     assert main(["config", "show", kind, str(path), "seed=7"]) == 0
     assert "seed: 7" in capsys.readouterr().out
+    assert main(["config", "show", kind, "seed=8", "train.lr=0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "seed: 8" in out and "  lr: 0.5 " in out
+    assert main(["config", "show", kind, "train.lrr=1"]) == 2
+    assert "did you mean 'lr'?" in capsys.readouterr().err
 
 
 # -- 12. layout ---------------------------------------------------------------------------------

@@ -121,6 +121,11 @@ def _empty(text: str) -> bool:
     return not text.strip()
 
 
+def _utility(metric, pairs: list[tuple[str, str]]) -> float:
+    """The mean of ``metric(prediction, gold)`` over the pairs; NaN for none."""
+    return float(np.mean([metric(x, y) for x, y in pairs])) if pairs else float("nan")
+
+
 def stratified_subset(records: Sequence[Record], n: int, seed: int = 0) -> list[Record]:
     """``n`` records drawn (seeded) with every bucket in proportion to its size, each bucket
     represented while ``n`` allows; in the records' order."""
@@ -167,15 +172,14 @@ def evaluate(records: Sequence[Record], preds: Sequence[str], train: Sequence[Re
         gen_len = [token_count(x) for x in p]
         hum_len = [token_count(r.response) for r in recs]
         scored = [(x, r.response) for x, r in zip(p, recs) if not _empty(r.response)]
-        utility = lambda fn: float(np.mean([fn(x, y) for x, y in scored])) if scored else float("nan")  # noqa: E731
         q10, q90 = np.array(st["q10"]), np.array(st["q90"])
         row = {
             "n": len(idx),
             "empty": float(np.mean([_empty(x) for x in p])),
             "human_empty": float(np.mean([_empty(train[j].response) for j in hum_idx])),
             "empty_references": len(p) - len(scored),
-            "exact_match": utility(M.exact_match), "f1": utility(M.token_f1),
-            "rouge_l": utility(M.rouge_l),
+            "exact_match": _utility(M.exact_match, scored), "f1": _utility(M.token_f1, scored),
+            "rouge_l": _utility(M.rouge_l, scored),
             "distinct_1": M.distinct_n(p, 1), "distinct_2": M.distinct_n(p, 2),
             "distinct_3": M.distinct_n(p, 3),
             "self_bleu4": M.self_bleu4(p, self_bleu_sample, seed),
