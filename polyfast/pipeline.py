@@ -4,6 +4,7 @@ evaluation report (report.md, metrics.json, plots) with oracle and prior length 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -87,7 +88,6 @@ def run_demo(out: str, sft_overrides: list[str] = (), progress: bool = True, *,
     buckets = [p.bucket_id for p in pairs]
     dc = text_distance(refs, [p.chosen for p in pairs], buckets)
     dr = text_distance(refs, [p.rejected for p in pairs], buckets)
-    import dataclasses
     pairs = [dataclasses.replace(p, chosen_dist=float(c), rejected_dist=float(r))
              for p, c, r in zip(pairs, dc, dr)]
     pairs = pair_weights(pairs)
@@ -119,7 +119,8 @@ def run_demo(out: str, sft_overrides: list[str] = (), progress: bool = True, *,
         from .model import set_packed
         set_packed(m, True)
         loss = per_bucket_loss(m, examples, names, 4096)
-        gen = generate(m, tok, test, gen_cfg, progress=progress)
+        gen = generate(m, tok, test, dataclasses.replace(gen_cfg, profile="oracle"),
+                       progress=progress)
         save_predictions(gen, os.path.join(out, f"test_predictions_{name}.jsonl"))
         report[name] = {"loss": loss, "oracle_rows": gen}
 

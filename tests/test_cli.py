@@ -107,6 +107,8 @@ def test_demo_pipeline_end_to_end(tmp_path, capsys):
     assert re.search(r"band distance to the human support \(lower is better\): HDPO moved \d+ "
                      r"of \d+ buckets toward the human side", report)
     assert "## Training" in report and "held-out pairs: reward accuracy" in report
+    from polyfast.eval.generate import predictions_profile
+    assert predictions_profile(str(tmp_path / "test_predictions_hdpo.jsonl")) == "oracle"
     assert "| loss SFT" in report and "| macro" in report
     assert summary["hdpo_tokens_per_s"] > 0 and summary["pairs"]["kept"] > 0
 
