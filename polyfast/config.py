@@ -43,6 +43,7 @@ class Range:
 
 
 POSITIVE, NON_NEGATIVE, AT_LEAST_1 = Range(0, lo_open=True), Range(0), Range(1)
+RUN_DIR_HELP = "the run's directory: config.yaml, metrics.jsonl, checkpoints/, final/"
 FRACTION = Range(0, 1)
 
 
@@ -212,7 +213,7 @@ class SFTConfig:
 
     LIMITS: ClassVar[dict] = {"seed": NON_NEGATIVE}
     HELP: ClassVar[dict] = {
-        "run_dir": "the run's directory: config.yaml, metrics.jsonl, checkpoints/, final/",
+        "run_dir": RUN_DIR_HELP,
         "seed": "seeds the model's initialisation and the data order",
         "model": "the model to train",
         "data": "records, buckets, packing and weighting",
@@ -479,7 +480,7 @@ class HDPOConfig:
 
     LIMITS: ClassVar[dict] = {"seed": NON_NEGATIVE}
     HELP: ClassVar[dict] = {
-        "run_dir": "the run's directory: config.yaml, metrics.jsonl, checkpoints/, final/",
+        "run_dir": RUN_DIR_HELP,
         "seed": "seeds the data order",
         "model": "model.path: the Bucket-SFT export, the policy's start and the frozen reference",
         "data": "preference pairs and packing",

@@ -286,7 +286,7 @@ def test_empty_generations_are_reported_and_empty_gold_answers_left_out():
 
 
 def test_band_floor_keeps_constant_features_on_the_language_scale():
-    from polyfast.critic import FEATURE_NAMES, text_references
+    from polyfast.critic import FEATURE_NAMES, feature_matrix, text_references
 
     train = ([make_record(id=f"a{i}", response=f"The answer is number {i}", family="qa",
                           split="train") for i in range(25)]
@@ -294,21 +294,15 @@ def test_band_floor_keeps_constant_features_on_the_language_scale():
                             split="train") for i in range(25)])
     q = FEATURE_NAMES.index("questions")
     text = "The answer is 7?"  # one question mark: never seen among the qa humans
-    ours = text_references(train).distance(np.array([text_features_row(text)]),
-                                           ["en|single|qa|short"])[0]
+    ours = text_references(train).distance(feature_matrix([text]), ["en|single|qa|short"])[0]
     authors = text_references(train, band_floor="authors").distance(
-        np.array([text_features_row(text)]), ["en|single|qa|short"])[0]
+        feature_matrix([text]), ["en|single|qa|short"])[0]
     assert authors > 1e4  # 1 / 1e-6 over 34 features
     assert ours < 1.0
     refs = text_references(train)
     en = refs.stats["en"]
     spread = max(en["q90"][q] - en["q10"][q], en["std"][q])
     assert refs.scale("en|single|qa|short")[q] == pytest.approx(spread)
-
-
-def text_features_row(text):
-    from polyfast.critic import text_features
-    return list(text_features(text).values())
 
 
 def test_in_band_share_informs_where_hcr_is_zero():

@@ -404,7 +404,8 @@ def read_rows(path: str | os.PathLike, parse, *, skip_bad_rows: bool = False, ki
     for row_no, row in rows if rows is not None else _iter_rows(path, skip_bad_rows, report):
         report.rows += 1
         try:
-            item = parse(row, content_id(row, hashes))
+            has_id = isinstance(row, dict) and row.get("id") is not None
+            item = parse(row, "" if has_id else content_id(row, hashes))
             if key(item) in seen:
                 raise ValueError(f"duplicate {what} {item.id!r} (first at row {seen[key(item)]})")
         except ValueError as e:

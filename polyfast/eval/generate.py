@@ -31,7 +31,6 @@ class GenerationConfig:
     seed: int = 0
     num_samples: int = 1         # responses per prompt (more than one needs do_sample)
     profile: str = ""            # the evaluation profile label the rows carry (oracle|prior|none)
-    max_prompt_tokens: int | None = None  # None: the model's context less max_new_tokens
 
     def __post_init__(self):
         from ..errors import ConfigError
@@ -55,12 +54,10 @@ def load_for_generation(path: str, device: str | torch.device = "cpu", key: str 
 
 
 def prompt_budget(model, cfg: GenerationConfig) -> int | None:
-    """The longest prompt that leaves room for ``max_new_tokens`` in the model's context
-    (``cfg.max_prompt_tokens`` if set); None when the model states no context length."""
+    """The longest prompt that leaves room for ``max_new_tokens`` in the model's context; None
+    when the model states no context length."""
     from ..errors import ConfigError
 
-    if cfg.max_prompt_tokens is not None:
-        return cfg.max_prompt_tokens
     ctx = getattr(model.config, "max_position_embeddings", None)
     if not ctx:
         return None

@@ -21,6 +21,7 @@ class MetricsLog:
         self.enabled = enabled  # only rank 0 writes in a multi-process run
         self.sinks = [TensorBoardSink(run_dir, resume_step)
                       for name in report_to if name == "tensorboard" and enabled]
+        self.kept: list[dict] = []  # the rows a resumed run keeps
         if not enabled or not os.path.exists(self.path):
             return
         if resume_step is None:
@@ -35,6 +36,7 @@ class MetricsLog:
                     continue
                 if row.get("event") != "summary" and row.get("step", 0) <= resume_step:
                     kept.append(line if line.endswith("\n") else line + "\n")
+                    self.kept.append(row)
         with open(self.path + ".tmp", "w", encoding="utf-8") as f:
             f.writelines(kept)
         os.replace(self.path + ".tmp", self.path)
@@ -49,19 +51,11 @@ class MetricsLog:
             sink.write(row)
 
     def first(self, event: str) -> dict | None:
-        """The first row of ``event`` already in the file (a resumed run's evaluation before
-        training), without its bookkeeping keys."""
-        if not os.path.exists(self.path):
-            return None
-        with open(self.path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if row.get("event") == event:
-                    return {k: v for k, v in row.items() if k not in ("event", "step", "time")}
-        return None
+        """The first kept row of ``event`` (a resumed run's evaluation before training), without
+        its bookkeeping keys."""
+        row = next((r for r in self.kept if r.get("event") == event), None)
+        return None if row is None else {k: v for k, v in row.items()
+                                         if k not in ("event", "step", "time")}
 
     def close(self) -> None:
         for sink in self.sinks:

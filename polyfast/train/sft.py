@@ -164,7 +164,7 @@ class SFTTrainer(Trainer):
 
     def data_summary(self) -> str:
         d = self.cfg.data
-        parts = [describe_split(split, c, "examples", d.max_tokens)
+        parts = [describe_split(split, c, d.max_tokens)
                  for split, c in self.data.counts.items() if c]
         return (f"{'; '.join(parts)}; {len(self.data.bucket_names)} buckets, "
                 f"{len(self._packs(0))} packs per epoch (packing efficiency "
@@ -207,10 +207,10 @@ def per_bucket_loss(model, examples: list[Example], bucket_names: list[str], max
             "mean": sum(sums) / len(examples), "examples": len(examples)}
 
 
-def describe_split(split: str, counts: Counter, what: str, max_tokens: int) -> str:
+def describe_split(split: str, counts: Counter, max_tokens: int) -> str:
     """``train: 1,480 examples kept, 75 dropped (longer than 2048 tokens), 216 prompts cut from
     the left, 3 bad rows skipped``: what happened to one split's data."""
-    out = [f"{split}: {counts.get('kept', 0):,} {what} kept"]
+    out = [f"{split}: {counts.get('kept', 0):,} examples kept"]
     if counts.get("dropped_overlong"):
         out.append(f"{counts['dropped_overlong']:,} dropped (longer than {max_tokens} tokens)")
     if counts.get("truncated_prompt"):
