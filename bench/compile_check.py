@@ -1,7 +1,7 @@
 """Compile every loss-kernel variant polyfast can launch for Hopper and Ampere, without a GPU.
 
-    python -m bench.compile_check                  # all variants, sm_90 / sm_80 / sm_86
-    python -m bench.compile_check --16bit --arch 90 80 --strict
+    python -m polyfast.bench.compile_check         # all variants, sm_90 / sm_80 / sm_86
+    python -m polyfast.bench.compile_check --16bit --arch 90 80 --strict
 
 Each variant (kernel x operand dtype x softcap x gradients or models, with the pinned config of
 the GPU family that launches it) goes through ``triton.compile`` for a ``GPUTarget``
@@ -141,7 +141,7 @@ def _source(v: Variant):
             attrs[(i,)] = [["tt.divisibility", 16]]
     if not isinstance(fn, triton.runtime.JITFunction):
         raise RuntimeError("the kernels were defined under TRITON_INTERPRET=1: run compile_check "
-                           "in a process without it (python -m bench.compile_check)")
+                           "in a process without it (python -m polyfast.bench.compile_check)")
     missing = set(const) - set(fn.arg_names)
     if missing:
         raise KeyError(f"{v.kernel}: the kernel has no arguments {sorted(missing)}: update compile_check")
@@ -244,7 +244,7 @@ def main(argv=None) -> int:
     dtypes = list(SIXTEEN) if args.sixteen else ["bf16", "fp16", "fp32", "tf32"]
     t0 = time.perf_counter()
     rows = run(args.arch, dtypes, args.jobs)
-    from bench.harness import markdown_table
+    from .harness import markdown_table
     table = []
     for v, r in rows:
         table.append([v.kernel, f"sm_{v.arch}", v.dtype, "yes" if v.softcap else "no", v.what,

@@ -39,19 +39,19 @@ part tests 90 python3 -m pytest -q -rs -p no:cacheprovider tests/test_linear_ce_
   tests/test_joint_logprobs_cuda.py tests/test_gpu_path_cuda.py tests/test_prefix_sharing_cuda.py
 tail -12 "$OUT/tests.log"
 # our fused backends against Cut Cross-Entropy and Liger, the CCE comparison shape first
-part linear_ce 110 python3 -m bench.linear_ce --grid check --out "$OUT/linear_ce.jsonl"
+part linear_ce 110 python3 -m polyfast.bench.linear_ce --grid check --out "$OUT/linear_ce.jsonl"
 # the same shape with peaked rows (nearly every tile passes the gradient filters)
-part linear_ce_peaked 30 python3 -m bench.linear_ce --shapes 16384x2048x248320 \
+part linear_ce_peaked 30 python3 -m polyfast.bench.linear_ce --shapes 16384x2048x248320 \
   --backends triton cce --hidden-std 4 --out "$OUT/linear_ce_peaked.jsonl"
-part joint_logprobs 45 python3 -m bench.joint_logprobs --grid gpu --out "$OUT/joint_logprobs.jsonl"
-part train 170 python3 -m bench.train --model qwen2.5-1.5b --max-tokens 8192 --steps 3 \
+part joint_logprobs 45 python3 -m polyfast.bench.joint_logprobs --grid gpu --out "$OUT/joint_logprobs.jsonl"
+part train 170 python3 -m polyfast.bench.train --model qwen2.5-1.5b --max-tokens 8192 --steps 3 \
   --warmup 1 --modes sft:polyfast hdpo:polyfast hdpo:unshared --mode-timeout 55 \
   --out "$OUT/train.jsonl"
 
 echo
 for b in linear_ce linear_ce_peaked joint_logprobs train; do
   if [ -s "$OUT/$b.jsonl" ]; then
-    python3 -m "bench.${b%_peaked}" --table "$OUT/$b.jsonl"
+    python3 -m "polyfast.bench.${b%_peaked}" --table "$OUT/$b.jsonl"
   else
     echo "$b: no rows"
   fi

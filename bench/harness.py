@@ -22,6 +22,10 @@ import uuid
 
 import torch
 
+# where the benchmarks append their rows by default (--out): bench/results/ of this checkout, from
+# whatever directory they are run
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
 
 def machine() -> dict:
     """Date, versions and device; ``run`` tells one invocation's rows from another's in a JSONL

@@ -1,8 +1,9 @@
 """Benchmark the joint policy / reference / critic log-prob pass of HDPO: forward + backward
 (the policy's gradient) time and peak memory.
 
-    python -m bench.joint_logprobs                # CPU: reduced sizes, torch backends
-    python -m bench.joint_logprobs --grid gpu     # CUDA: 3 models, N=8192, H=1536, V=151936
+    python -m polyfast.bench.joint_logprobs             # CPU: reduced sizes, torch backends
+    python -m polyfast.bench.joint_logprobs --grid gpu  # CUDA: 3 models, N=8192, H=1536,
+                                                        # V=151936
 
 Rows: our Triton kernel (one launch), our torch twin, (a) three full-logits reference passes,
 (b) three calls of our fused cross-entropy with reduction "none" (backend "auto": what
@@ -17,12 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import torch
 
-from bench.harness import (append_jsonl, guarded, machine, markdown_table, measure, read_runs,
-                           run_isolated)
+from .harness import (RESULTS, append_jsonl, guarded, machine, markdown_table, measure,
+                      read_runs, run_isolated)
 
 GRIDS = {"cpu": [(2048, 256, 8192)], "gpu": [(8192, 1536, 151936)]}
 CPU_BACKENDS = ["reference", "torch", "ce_none"]
@@ -107,7 +109,9 @@ def main(argv=None) -> int:
     p.add_argument("--grid", choices=sorted(GRIDS), default=None)
     p.add_argument("--backends", nargs="*", default=None)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", default="bench/results/joint_logprobs.jsonl")
+    p.add_argument("--out", default=os.path.join(RESULTS, "joint_logprobs.jsonl"),
+                   help="JSONL file the rows are appended to "
+                   "(default bench/results/joint_logprobs.jsonl)")
     p.add_argument("--table", metavar="JSONL", help="print the table of the last run in JSONL and exit")
     p.add_argument("--one", nargs=4, metavar=("BACKEND", "N", "H", "V"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -120,7 +124,7 @@ def main(argv=None) -> int:
         b, n, h, v = args.one
         print(json.dumps(guarded(one, b, int(n), int(h), int(v), dtype, device, args.repeats)))
         return 0
-    from bench.linear_ce import gemm_tflops
+    from .linear_ce import gemm_tflops
     info = machine()
     rate = gemm_tflops(device, dtype)
     rows = []
@@ -132,8 +136,9 @@ def main(argv=None) -> int:
                 torch.cuda.empty_cache()
                 r = guarded(one, b, N, H, V, dtype, device, args.repeats)
             else:
-                r = run_isolated("bench.joint_logprobs", ["--one", b, str(N), str(H), str(V),
-                                                          "--repeats", str(args.repeats)])
+                r = run_isolated("polyfast.bench.joint_logprobs",
+                                 ["--one", b, str(N), str(H), str(V),
+                                  "--repeats", str(args.repeats)])
             row = {"bench": "joint_logprobs", "backend": b, "N": N, "H": H, "V": V,
                    "models": MODELS, "dtype": dtype, **info, **r, "gemm_floor_ms": floor_ms,
                    "gemm_tflops": rate}

@@ -1,12 +1,13 @@
 """Benchmark linear_cross_entropy backends: forward + backward time and peak memory.
 
-    python -m bench.linear_ce                 # CPU: reduced grid, torch backends
-    python -m bench.linear_ce --grid gpu      # CUDA: N in {4096, 16384} x the Qwen2.5-1.5B and
-                                              # Llama-3.2-3B heads, and 16384 x 2048 x 248320
-    python -m bench.linear_ce --grid check    # CUDA: our fused backends, CCE and Liger at three of
-                                              # those (bench/gpu_check.sh)
-    python -m bench.linear_ce --shapes 16384x2048x248320 --backends gemm triton liger cce
-    python -m bench.linear_ce --table bench/results/linear_ce.jsonl   # the last run's table
+    python -m polyfast.bench.linear_ce               # CPU: reduced grid, torch backends
+    python -m polyfast.bench.linear_ce --grid gpu    # CUDA: N in {4096, 16384} x the Qwen2.5-1.5B
+                                                     # and Llama-3.2-3B heads, and 16384 x 2048
+                                                     # x 248320
+    python -m polyfast.bench.linear_ce --grid check  # CUDA: our fused backends, CCE and Liger at
+                                                     # three of those (bench/gpu_check.sh)
+    python -m polyfast.bench.linear_ce --shapes 16384x2048x248320 --backends gemm triton liger cce
+    python -m polyfast.bench.linear_ce --table bench/results/linear_ce.jsonl   # the last run's table
 
 On a CPU every (shape, backend) runs in its own process so peak memory is its own; on CUDA the
 allocator's peak is reset before each measurement. Each row is appended to the JSONL file
@@ -27,12 +28,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import torch
 
-from bench.harness import (append_jsonl, guarded, machine, markdown_table, measure, read_runs,
-                           run_isolated)
+from .harness import (RESULTS, append_jsonl, guarded, machine, markdown_table, measure,
+                      read_runs, run_isolated)
 
 # the large-vocabulary shape of the comparison with Cut Cross-Entropy and Liger (a 248k vocabulary)
 CCE_SHAPE = (16384, 2048, 248320)
@@ -157,7 +159,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--hidden-std", type=float, default=HIDDEN_STD,
                    help="standard deviation of the random hidden states (= of the logits)")
-    p.add_argument("--out", default="bench/results/linear_ce.jsonl")
+    p.add_argument("--out", default=os.path.join(RESULTS, "linear_ce.jsonl"),
+                   help="JSONL file the rows are appended to "
+                   "(default bench/results/linear_ce.jsonl)")
     p.add_argument("--table", metavar="JSONL", help="print the table of the last run in JSONL and exit")
     p.add_argument("--one", nargs=4, metavar=("BACKEND", "N", "H", "V"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -186,9 +190,10 @@ def main(argv=None) -> int:
                 torch.cuda.empty_cache()
                 r = guarded(one, b, N, H, V, dtype, device, args.repeats, args.hidden_std)
             else:  # a CPU peak (max RSS) only rises: each measurement in its own process
-                r = run_isolated("bench.linear_ce", ["--one", b, str(N), str(H), str(V), "--dtype",
-                                                      dtype, "--repeats", str(args.repeats),
-                                                      "--hidden-std", str(args.hidden_std)])
+                r = run_isolated("polyfast.bench.linear_ce",
+                                 ["--one", b, str(N), str(H), str(V), "--dtype", dtype,
+                                  "--repeats", str(args.repeats),
+                                  "--hidden-std", str(args.hidden_std)])
             row = {"bench": "linear_ce", "backend": b, "N": N, "H": H, "V": V, "dtype": dtype,
                    "hidden_std": args.hidden_std,
                    **info, **r, "gemm_floor_ms": floor_ms, "gemm_tflops": rate}

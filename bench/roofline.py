@@ -1,7 +1,7 @@
 """Cost model of the loss head's fused backends: what a forward + backward should take on an H100.
 
-    python -m bench.roofline                       # the CCE comparison shape and the head shapes
-    python -m bench.roofline --shapes 65536x1536x151936 --pass-fraction 0.05
+    python -m polyfast.bench.roofline     # the CCE comparison shape and the head shapes
+    python -m polyfast.bench.roofline --shapes 65536x1536x151936 --pass-fraction 0.05
 
 Per backend and shape: FLOPs, HBM bytes, fp32 atomic bytes, the op's own peak memory (outputs and
 16-bit gradients included, inputs not) and the predicted time, from ``linear_ce.predict`` (each
@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import argparse
 
-from bench.harness import markdown_table
-from bench.linear_ce import CCE_SHAPE, parse_shape
+from .harness import markdown_table
+from .linear_ce import CCE_SHAPE, parse_shape
 
 # the CCE comparison shape, a long pack of a Qwen2.5-1.5B / 7B-sized head, Llama-3.2-3B's head
 SHAPES = [CCE_SHAPE, (65536, 1536, 151936), (16384, 1536, 151936), (16384, 3072, 128256)]

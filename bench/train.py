@@ -1,8 +1,8 @@
 """End-to-end training throughput: polyfast against the authors' setup, side by side in one run.
 
-    python -m bench.train                                  # CPU: the demo model on the demo data
-    python -m bench.train --model qwen2.5-1.5b --max-tokens 8192 --steps 8    # a GPU
-    python -m bench.train --mode hdpo --data sample --limit 600 --max-tokens 4096 --steps 0
+    python -m polyfast.bench.train                     # CPU: the demo model on the demo data
+    python -m polyfast.bench.train --model qwen2.5-1.5b --max-tokens 8192 --steps 8   # a GPU
+    python -m polyfast.bench.train --mode hdpo --data sample --limit 600 --max-tokens 4096 --steps 0
                                   # prefix sharing: one epoch on 600 records of the authors' sample
 
 Five modes, each in a fresh process (so that peak memory is its own), same init, same data:
@@ -52,7 +52,7 @@ import time
 
 import torch
 
-from bench.harness import append_jsonl, machine, markdown_table, read_runs, run_isolated
+from .harness import RESULTS, append_jsonl, machine, markdown_table, read_runs, run_isolated
 
 MODELS = {
     "demo": {},  # the demo's tiny Llama (polyfast.pipeline.DEMO_SFT), byte vocabulary
@@ -451,7 +451,8 @@ def _args(argv=None):
     p.add_argument("--liger", action="store_true", help="model.liger for the polyfast modes")
     p.add_argument("--compile", action="store_true", help="model.compile for the polyfast modes")
     p.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak, for MFU")
-    p.add_argument("--out", default="bench/results/train.jsonl")
+    p.add_argument("--out", default=os.path.join(RESULTS, "train.jsonl"),
+                   help="JSONL file the rows are appended to (default bench/results/train.jsonl)")
     p.add_argument("--mode-timeout", type=float, default=3600, help="seconds per mode")
     p.add_argument("--repeat", type=int, default=1,
                    help="rounds over the modes; the table keeps each mode's fastest")
@@ -573,7 +574,8 @@ def main(argv=None) -> int:
     # --repeat: the modes in turn, round after round, so that a slow spell of a shared machine
     # hits every mode alike; the table keeps each mode's fastest round
     for attempt, mode in ((a, m) for a in range(args.repeat) for m in args.modes):
-        r = run_isolated("bench.train", ["--one", mode, *passthrough], timeout=args.mode_timeout)
+        r = run_isolated("polyfast.bench.train", ["--one", mode, *passthrough],
+                         timeout=args.mode_timeout)
         kind, impl = mode.split(":")
         row = {"bench": "train", "model": args.model, "max_tokens": args.max_tokens,
                "attempt": attempt,

@@ -98,7 +98,7 @@ POLYFAST_CHECK_IDS=0 turns the host check off everywhere.
 
 Block sizes: a pinned config per GPU family, kernel and operand width (``_CONFIGS``), each one
 checked for register spills, shared memory and tensor-core instructions by ``python -m
-bench.compile_check`` (sm_90, sm_80 and sm_86, no GPU needed); POLYFAST_AUTOTUNE=1 times a few
+polyfast.bench.compile_check`` (sm_90, sm_80 and sm_86, no GPU needed); POLYFAST_AUTOTUNE=1 times a few
 candidates on first use of each shape instead and keeps the fastest. H reaches the kernels padded
 to a multiple of the largest H block (``padded``; real models' hidden sizes already are), so the
 kernels need no H masks and every row load is 16-byte aligned.
@@ -466,7 +466,7 @@ if HAS_TRITON:
 
 # Pinned configs: (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages) per GPU family, kernel
 # ("fwd" / "bwd" here, "joint": joint_logprobs' forward) and operand width ("16": bf16 / fp16 on
-# tensor cores; "32": fp32). Chosen with `python -m bench.compile_check` for no register spills
+# tensor cores; "32": fp32). Chosen with `python -m polyfast.bench.compile_check` for no register spills
 # and shared memory within the architecture's limit (the fp32 ones are smaller: true fp32
 # products unroll into FMA chains that spill at the 16-bit tile sizes).
 _CONFIGS = {
@@ -1045,7 +1045,7 @@ def linear_ce_torch(hidden, weight, targets, token_weights=None, *, ignore_index
 
 
 # ---------------------------------------------------------------------------------------------
-# cost model (what "auto" decides by; ``python -m bench.roofline`` prints it)
+# cost model (what "auto" decides by; ``python -m polyfast.bench.roofline`` prints it)
 
 # A GPU as the model sees it: dense tensor-core rates (TFLOP/s) per operand width, HBM bandwidth
 # (TB/s; fp32 atomics are counted at this rate too, an optimistic bound: they resolve in L2).

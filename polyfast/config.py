@@ -1,6 +1,7 @@
 """Configs: YAML files mapped onto typed dataclasses.
 
-Unknown keys and values of the wrong type fail at load with the dotted key path
+A config file is read with ``yaml.safe_load`` (plain values only: no Python tags), and so are
+overrides. Unknown keys and values of the wrong type fail at load with the dotted key path
 (``ConfigError: config key 'train.lr': expected a number, got 'fast'``), as do numbers outside a
 key's range (each dataclass's ``LIMITS``) and non-finite floats. Command-line overrides are
 ``key.path=value`` with the value parsed as YAML.

@@ -1,5 +1,9 @@
 """The critic's target: distance of a response to its bucket's human support (METHOD.md section 4).
 
+Files read back: a references file (``References.load``: JSON, checked for its keys), a critic
+directory (``MLPCritic.load``: ``critic.json`` as JSON, ``critic.safetensors`` as safetensors); a
+file that is neither is a DataError naming it. Nothing in them can run code.
+
 - ``text_features``: 34 language-aware text features (Han text counted by character), computed
   without downloaded data; ``lm_features``: log-prob statistics of a response under a scoring LM,
   with and without its prompt, from :func:`polyfast.kernels.joint_logprobs`.
@@ -33,6 +37,8 @@ from torch import nn
 
 from .data import text as T
 from .data.records import Record
+from .errors import DataError
+from .files import read_json, read_safetensors
 
 # ---------------------------------------------------------------------------------------------
 # text features
@@ -308,8 +314,18 @@ class References:
 
     @classmethod
     def load(cls, path: str) -> "References":
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
+        """A references file (JSON, ``save``'s layout); DataError naming it otherwise."""
+        what = "a references file (polyfast critic references)"
+        d = read_json(path, what)
+        ok = (isinstance(d, dict) and isinstance(d.get("features"), list)
+              and all(isinstance(f, str) for f in d["features"])
+              and isinstance(d.get("stats"), dict) and isinstance(d.get("min_bucket_size"), int)
+              and d.get("band_floor", "language") in ("language", "authors")
+              and all(isinstance(st, dict) and all(isinstance(v, list) for v in st.values())
+                      for st in d["stats"].values()))
+        if not ok:
+            raise DataError(f"not {what}: expected an object with features, stats, "
+                            "min_bucket_size and band_floor", path)
         return cls(d["features"], d["stats"], d["min_bucket_size"],
                    d.get("band_floor", "language"))
 
@@ -391,11 +407,23 @@ class MLPCritic(nn.Module):
 
     @classmethod
     def load(cls, out_dir: str) -> "MLPCritic":
-        from safetensors.torch import load_file
-        with open(os.path.join(out_dir, "critic.json"), encoding="utf-8") as f:
-            meta = json.load(f)
+        """A critic directory: critic.json (JSON) and critic.safetensors; DataError naming the
+        file at fault otherwise."""
+        what = "a critic (polyfast critic train)"
+        path = os.path.join(out_dir, "critic.json")
+        meta = read_json(path, what)
+        ints = ("hidden", "bucket_dim")
+        if not (isinstance(meta, dict) and meta.get("kind") == "mlp"
+                and isinstance(meta.get("features"), list) and isinstance(meta.get("buckets"), list)
+                and all(isinstance(meta.get(k), int) and meta[k] > 0 for k in ints)):
+            raise DataError(f"not {what}: expected kind 'mlp', features, buckets, hidden and "
+                            "bucket_dim", path)
         critic = cls(len(meta["features"]), meta["buckets"], meta["hidden"], meta["bucket_dim"])
-        critic.load_state_dict(load_file(os.path.join(out_dir, "critic.safetensors")))
+        path = os.path.join(out_dir, "critic.safetensors")
+        try:
+            critic.load_state_dict(read_safetensors(path, what))
+        except RuntimeError as e:  # missing, extra or mis-shaped tensors
+            raise DataError(f"does not match critic.json ({str(e).splitlines()[0]})", path) from None
         return critic
 
 

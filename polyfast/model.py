@@ -1,5 +1,10 @@
 """Load a Hugging Face causal LM (local directory or a tiny config) and expose what the loss needs:
-the trunk's hidden states (``model.model(...)``), the head weight and the final-logit softcap."""
+the trunk's hidden states (``model.model(...)``), the head weight and the final-logit softcap.
+
+Files read from a model directory (``check_model_dir`` first, then transformers): ``config.json``
+and ``generation_config.json`` (JSON), the weights as ``*.safetensors`` only (a directory with
+pickled ``.bin`` weights alone is refused), and no model code unless ``model.trust_remote_code``
+says so (transformers refuses an ``auto_map`` without it). The tokenizer: ``data.tokenize``."""
 
 from __future__ import annotations
 

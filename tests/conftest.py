@@ -18,7 +18,7 @@ POLYALIGN_FORMAT = ROOT / "tests" / "data" / "polyalign_format.json"
 def sample_dir():
     """The authors' released sample, for the few checks against their own ids and weights:
     $POLYFAST_SAMPLE, else shared/data/polyalign_sample beside the checkout (bench.train.sample_dir)."""
-    from bench.train import sample_dir as where
+    from polyfast.bench.train import sample_dir as where
 
     path = pathlib.Path(where())
     if not (path / "dist_sft_val.json").is_file():

@@ -9,10 +9,10 @@ import subprocess
 import pytest
 import torch
 
-from bench import harness
-from bench import train as bench_train
-from bench.linear_ce import main as linear_ce_main
-from bench.linear_ce import render as linear_ce_render
+from polyfast.bench import harness
+from polyfast.bench import train as bench_train
+from polyfast.bench.linear_ce import main as linear_ce_main
+from polyfast.bench.linear_ce import render as linear_ce_render
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -31,7 +31,7 @@ def test_guarded_records_any_exception():
 
 
 def test_run_isolated_reports_a_crash_and_a_timeout():
-    assert "error" in harness.run_isolated("bench.no_such_module", [])
+    assert "error" in harness.run_isolated("polyfast.bench.no_such_module", [])
     r = harness.run_isolated("http.server", ["0"], timeout=3)  # serves forever
     assert r == {"error": "timed out after 3 s"}
 

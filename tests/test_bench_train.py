@@ -4,7 +4,7 @@ GPU benchmark's model has Qwen2.5-1.5B's shape."""
 import pytest
 import torch
 
-from bench import train as bench
+from polyfast.bench import train as bench
 
 
 def _args(**over):

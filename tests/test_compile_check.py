@@ -9,7 +9,7 @@ import re
 import subprocess
 import sys
 
-from bench.compile_check import SHARED_LIMIT, Result, Variant, problems
+from polyfast.bench.compile_check import SHARED_LIMIT, Result, Variant, problems
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -18,7 +18,7 @@ def test_16bit_variants_spill_nothing_and_use_tensor_cores(tmp_path):
     out = tmp_path / "rows.jsonl"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run([sys.executable, "-m", "bench.compile_check", "--16bit", "--arch", "90",
+    proc = subprocess.run([sys.executable, "-m", "polyfast.bench.compile_check", "--16bit", "--arch", "90",
                            "80", "--jobs", "2", "--json", str(out)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -197,3 +197,30 @@ def test_prefix_sharing_changes_the_layout_not_the_loss(sft_checkpoint, tmp_path
     for k in ("rewards_chosen", "rewards_rejected", "dist_reg", "anchor"):
         assert_close(sh[k], un[k], tol, k)
     assert_close(g_sh, g_un, tol, "policy gradients")
+
+
+def test_a_planted_reference_cache_never_runs_and_is_computed_again(sft_checkpoint, tmp_path,
+                                                                    caplog):
+    import glob
+    import logging
+    import os
+    import pickle
+    marker = tmp_path / "payload_ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.mkdir, (str(marker),))
+    cfg = load_config(HDPOConfig, None, [], extra={
+        "model.path": sft_checkpoint, "run_dir": str(tmp_path / "h"), "hdpo.distance": "feature",
+        "hdpo.reference": "precomputed", "hdpo.min_bucket_size": 3, "train.progress": False,
+        "data.max_tokens": 4096})
+    pairs = _pairs(6, 7)
+    want = HDPOTrainer(cfg, pairs=pairs).tables["train"]
+    (cache,) = glob.glob(str(tmp_path / "h" / "ref_logps_*.safetensors"))
+    with open(cache, "wb") as f:
+        pickle.dump(Payload(), f)
+    with caplog.at_level(logging.WARNING, logger="polyfast"):
+        got = HDPOTrainer(cfg, pairs=pairs).tables["train"]
+    assert not marker.exists(), "a payload ran"
+    assert cache in caplog.text and "computing it again" in caplog.text
+    assert torch.equal(got, want)

@@ -498,3 +498,43 @@ def test_the_deferred_guard_loses_no_step_when_the_device_lags_a_whole_ring():
     assert [b.step for b in found] == [5, 9, 20]
     assert found[1].loss == float("inf") and found[1].grad_norm == pytest.approx(3 ** 0.5)
     assert int(opt.state[p]["step"]) == 2 * guard.RING + 3 - 3  # the three bad updates skipped
+
+
+def _occupied(path) -> int:
+    """What a directory tree occupies on disk, as du counts it (allocated blocks)."""
+    total = os.stat(path).st_blocks * 512
+    for root, dirs, files in os.walk(path):
+        for name in dirs + files:
+            total += os.lstat(os.path.join(root, name)).st_blocks * 512
+    return total
+
+
+@pytest.mark.parametrize("hidden,layers", [(32, 1), (160, 3)])
+@pytest.mark.parametrize("hf", [False, True])
+def test_the_space_check_estimates_a_checkpoint_within_a_quarter(tmp_path, monkeypatch, hidden,
+                                                                 layers, hf):
+    tr = _trainer(tmp_path / "run", **{"train.max_steps": 2, "train.checkpoint_hf": hf,
+                                       "model.tiny.hidden_size": hidden,
+                                       "model.tiny.num_layers": layers,
+                                       "model.tiny.intermediate_size": 2 * hidden})
+    tr.train_step(tr.step_packs(0))  # AdamW's moments exist from the first step on
+    asked = []
+    real_on_disk = ckpt_mod._on_disk
+    monkeypatch.setattr(ckpt_mod, "_on_disk",
+                        lambda sizes, block: asked.append(real_on_disk(sizes, block)) or asked[-1])
+    path = tr.save()
+    occupied = _occupied(path)
+    assert occupied <= asked[0] <= 1.25 * occupied, (asked[0], occupied)
+    if hf:  # the final export's own check
+        asked.clear()
+        out = ckpt_mod.export_pretrained(tr.model, tr.tokenizer, str(tmp_path / "final"))
+        assert _occupied(out) <= asked[0] <= 1.25 * _occupied(out), (asked[0], _occupied(out))
+
+    # a disk with room for one more checkpoint and a half is not refused; one without is
+    tr.step = 2
+    monkeypatch.setattr(ckpt_mod, "_free_bytes", lambda p: int(1.5 * occupied))
+    tr.save()
+    tr.step = 3
+    monkeypatch.setattr(ckpt_mod, "_free_bytes", lambda p: int(0.9 * occupied))
+    with pytest.raises(RunError, match="disk full: checkpoint step 3"):
+        tr.save()

@@ -6,7 +6,7 @@ import re
 import pytest
 from polyfast.kernels import linear_ce as lce
 
-from bench import roofline
+from polyfast.bench import roofline
 
 CCE = (16384, 2048, 248320)
 

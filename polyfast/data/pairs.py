@@ -1,7 +1,7 @@
 """Preference pairs (METHOD.md section 3): chosen = the human response, rejected = a model's
 prediction for the same prompt; pairs carry the record's bucket.
 
-Formats read by :func:`load_pairs` (per row, .jsonl or .json):
+Formats read by :func:`load_pairs` (per row, .jsonl or .json, decoded as JSON like records):
 - polyfast JSONL: a record's fields plus ``rejected`` (``chosen`` or ``response`` is the human side),
   ``weight``, ``chosen_dist``, ``rejected_dist``, ``pair_type``;
 - the authors' LLaMA-Factory HDPO export: ``instruction``, ``input``, ``chosen``, ``rejected``,

@@ -8,6 +8,11 @@ Formats, detected per row:
 - chat JSONL with a ``messages`` list of ``{"role", "content"}`` (system?, user, assistant, ...,
   ending on the assistant response).
 
+Sources, and how each is decoded: ``.json`` / ``.jsonl`` files as UTF-8 JSON; a ``save_to_disk``
+directory, ``.parquet`` and ``.arrow`` files through ``datasets`` (Arrow and Parquet data and JSON
+metadata); ``hf:NAME`` through ``datasets.load_dataset`` (which runs no dataset scripts).
+None of them runs code from the file.
+
 Rows are numbered from 1 (the line of a JSONL file, the position in a JSON array); a row without
 an ``id`` gets a hash of its content, so that a sliced or reordered file keeps its ids. Bad rows raise
 :class:`DataError` naming file and row; with ``skip_bad_rows=True`` they are skipped and counted.

@@ -1,6 +1,8 @@
 """Tokenisation: records -> examples (token ids with the response marked).
 
-Any Hugging Face tokenizer with a chat template works (loaded from a local directory). The built-in
+Any Hugging Face tokenizer with a chat template works (loaded from a local directory, by
+transformers from its JSON files, or sentencepiece's protobuf model, without remote code; the chat
+template runs in transformers' sandboxed Jinja environment). The built-in
 byte-level tokenizer is a real ``PreTrainedTokenizerFast`` (UTF-8 bytes 0..255 plus a few special
 tokens, with its own chat template), so checkpoints trained with it load in transformers as they are.
 

@@ -2,7 +2,9 @@
 
 Human-side statistics (feature bands, BNG samples, the TF-IDF/SVD space of TDM) come from the TRAIN
 records only; the test records give the gold answers. Predictions are aligned to records by id: a
-missing or an extra id is an error that names it.
+missing or an extra id is an error that names it. Files read back: records and predictions (JSON,
+see ``data.records`` and ``generate``), references and critics (``critic``), and for ``compare``
+each run's ``metrics.json`` (JSON, checked for its buckets).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from ..critic import feature_matrix, parents, text_references
 from ..data import length_bin, token_count
 from ..data.records import Record
 from ..errors import DataError
+from ..files import read_json
 from . import metrics as M
 
 PROFILES = ("oracle", "prior", "none")
@@ -245,8 +248,11 @@ def compare(metric_files: Sequence[str], out_dir: str) -> str:
             path = os.path.join(path, "metrics.json")
         if not os.path.exists(path):
             raise DataError("no metrics.json here (run polyfast eval first)", path)
-        with open(path, encoding="utf-8") as f:
-            results.append(json.load(f))
+        result = read_json(path, "an evaluation's metrics.json")
+        if not (isinstance(result, dict) and isinstance(result.get("buckets"), dict)
+                and isinstance(result.get("macro"), dict)):
+            raise DataError("not an evaluation's metrics.json: no buckets and macro", path)
+        results.append(result)
     os.makedirs(out_dir, exist_ok=True)
     plot_bng_hcr(results, os.path.join(out_dir, "bng_hcr.png"))
     text = report_markdown(results)

@@ -29,8 +29,8 @@ from ..config import save_config
 from ..errors import ConfigError, Interrupted, NonFiniteError, RunError
 from ..model import TrunkHead, autocast_context, resolve_device, set_tf32
 from . import rundir
-from .checkpoint import (CheckpointUnreadable, export_pretrained, list_checkpoints,
-                         load_checkpoint, save_checkpoint, trainer_state)
+from .checkpoint import (CheckpointUnreadable, export_bytes, export_pretrained,
+                         list_checkpoints, load_checkpoint, save_checkpoint, trainer_state)
 from .distributed import agree, all_reduce_sum, full_state_dict, init_distributed, shard_model
 from .guard import BadStep, NonFiniteGuard, first_nonfinite
 from .metrics import MetricsLog
@@ -184,8 +184,7 @@ class Trainer:
                                                 **self.identity()},
                                keep=self.cfg.train.keep_checkpoints,
                                also=(lambda tmp: self.export(os.path.join(tmp, "hf"))) if hf else None,
-                               also_bytes=sum(p.numel() * p.element_size()
-                                              for p in self.model.parameters()) if hf else 0)
+                               also_sizes=export_bytes(self.model, self.tokenizer) if hf else ())
 
     def _check_state(self, path: str, state: dict) -> None:
         """Refuse a checkpoint of another run, or one whose steps hold other packs."""

@@ -9,11 +9,18 @@ evaluate or serve. Everything is written to a temporary directory beside it and 
 by rank 0 after all ranks have finished, so a crash never leaves a half-written checkpoint. Several
 nodes need the run directory on a shared filesystem.
 
-Loading runs no code from the files: the small state is JSON, DCP's tensors load with
-``weights_only``, its metadata through an unpickler that builds only DCP's own metadata classes,
-and its non-tensor values (the optimizer's hyperparameters) with ``weights_only`` too. A checkpoint
-that fails any of this is refused with the reason (``CheckpointUnreadable``); the trainer then falls
-back to the one before it.
+Files read back on resume, and how each is decoded (none of them can run code):
+
+- ``trainer_state.json``, ``train_state.json``: JSON (the RNG states as numbers and base64);
+- ``.metadata``, DCP's index (a pickle): ``dcp_metadata.read_metadata``, an unpickler with an
+  explicit table of the names and opcodes an index uses;
+- ``__*.distcp``, the tensor shards: DCP's reader, which decodes each tensor with
+  ``torch.load(weights_only=True)``; the non-tensor values among them (the optimizer's
+  hyperparameters) with ``torch.load(weights_only=True)`` too, before DCP sees them (``_SafePlanner``);
+- ``train_state.pt`` (an older polyfast's pickled state): never read; such a checkpoint is refused.
+
+A checkpoint that fails any of this is refused with the reason and its path
+(``CheckpointUnreadable``); the trainer then falls back to the one before it.
 
 Before writing, the free space is checked against the checkpoint's size; a write that still fails
 for want of space removes its temporary directory and says so (``RunError``), the previous
@@ -28,14 +35,15 @@ from __future__ import annotations
 import base64
 import contextlib
 import errno
+import functools
 import io
 import json
 import os
-import pickle
 import random
 import re
 import shutil
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -47,6 +55,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from ..errors import RunError
+from .dcp_metadata import MetadataRefused, read_metadata
 from .distributed import agree
 
 CKPT_DIR = "checkpoints"
@@ -92,34 +101,17 @@ def _set_rng_state(state: dict) -> None:
 # -- DCP without running code from the files -------------------------------------------------
 
 
-class _MetadataUnpickler(pickle.Unpickler):
-    """Builds DCP's metadata (its dataclasses, torch.Size, dtypes, layouts, paths) and nothing
-    else: any other global in the file is refused."""
-
-    _ALLOWED = frozenset({("torch", "Size"), ("torch.serialization", "_get_layout"),
-                ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-                ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
-                ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"),
-                ("collections", "OrderedDict")})
-
-    def find_class(self, module: str, name: str):
-        obj = None
-        if (module, name) in self._ALLOWED or module == "torch.distributed.checkpoint.metadata":
-            obj = super().find_class(module, name)
-        elif module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            obj = getattr(torch, name)
-        if obj is None or (module.endswith(".metadata") and not isinstance(obj, type)):
-            raise pickle.UnpicklingError(f"refusing to build {module}.{name}")
-        return obj
-
-
 class _SafeReader(FileSystemReader):
+    """DCP's reader with the index polyfast decoded itself (dcp_metadata.read_metadata)."""
+
+    def __init__(self, path: str, metadata):
+        super().__init__(path)
+        self._metadata = metadata
+
     def read_metadata(self, *args, **kwargs):
-        path = os.path.join(self.path, ".metadata")
-        with open(path, "rb") as f:
-            metadata = _MetadataUnpickler(f).load()
         # what FileSystemReader.read_metadata sets after unpickling
         from torch.distributed.checkpoint.metadata import StorageMeta
+        metadata = self._metadata
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
@@ -144,16 +136,91 @@ def _free_bytes(path: str) -> int:
     return shutil.disk_usage(path).free
 
 
-def _local_bytes(state) -> int:
-    """Bytes of the tensors in a (nested) state dict, this rank's shards only."""
+_DIRECTORY = 1  # a directory's own entry: one block
+
+
+def _on_disk(sizes, block: int) -> int:
+    """What files of these sizes occupy: each rounded up to whole blocks."""
+    return sum(-(-int(n) // block) * block for n in sizes)
+
+
+def _block_size(path: str) -> int:
+    try:
+        return os.statvfs(path).f_frsize or 4096
+    except (AttributeError, OSError):  # (no statvfs on Windows)
+        return 4096
+
+
+@functools.cache
+def _torch_save_overhead(dtype: torch.dtype, ndim: int) -> int:
+    """Bytes ``torch.save`` adds to a tensor's data (its zip entries and pickle), measured on a
+    one-element tensor of this dtype and rank; the data's alignment adds up to 63 more."""
+    buf = io.BytesIO()
+    t = torch.zeros((1,) * ndim, dtype=dtype)
+    torch.save(t, buf)
+    return len(buf.getvalue()) - t.element_size() + 63
+
+
+def _dcp_items(state, path=()):
+    """(fqn, value) of what DCP writes as one item, walking ``state`` as DCP does: into every
+    mapping, and into a list holding a tensor, a mapping or such a list; each tensor (this rank's
+    shard of a DTensor) and every other value is an item."""
     if isinstance(state, dict):
-        return sum(_local_bytes(v) for v in state.values())
-    if isinstance(state, (list, tuple)):
-        return sum(_local_bytes(v) for v in state)
-    if isinstance(state, torch.Tensor):
-        t = state.to_local() if hasattr(state, "to_local") else state
-        return t.numel() * t.element_size()
-    return 0
+        for k, v in state.items():
+            yield from _dcp_items(v, (*path, str(k)))
+    elif isinstance(state, list) and _walked(state):
+        for i, v in enumerate(state):
+            yield from _dcp_items(v, (*path, str(i)))
+    elif isinstance(state, torch.Tensor):
+        yield ".".join(path), state.to_local() if hasattr(state, "to_local") else state
+    else:
+        yield ".".join(path), state
+
+
+def _walked(values: list) -> bool:
+    return any(isinstance(v, (dict, torch.Tensor)) or (isinstance(v, list) and _walked(v))
+               for v in values)
+
+
+def dcp_bytes(state: dict) -> tuple[int, int]:
+    """(this rank's shard file, the index) in bytes, as DCP writes ``state``: every item through
+    ``torch.save`` (tensors by their data plus the measured overhead, other values serialised
+    here: they are a few numbers), and an index entry per item (its names three times and about
+    200 bytes of pickled metadata)."""
+    data = index = 0
+    for fqn, v in _dcp_items(state):
+        if isinstance(v, torch.Tensor):
+            data += v.numel() * v.element_size() + _torch_save_overhead(v.dtype, v.dim())
+        else:
+            buf = io.BytesIO()
+            torch.save(v, buf)
+            data += len(buf.getvalue())
+        index += 3 * len(fqn) + 200
+    return data, index + 1024
+
+
+def export_bytes(model, tokenizer) -> list[int]:
+    """The sizes of what ``export_pretrained`` writes: its directory, model.safetensors (the state dict's
+    tensors once each, tied ones once, and a JSON header entry per name), config.json,
+    generation_config.json and the tokenizer's files (its tokenizer.json, chat template and
+    configs)."""
+    seen, weights, header = set(), 0, 8 + 64
+    for name, t in model.state_dict().items():
+        header += len(name) + 100
+        local = t.to_local() if hasattr(t, "to_local") else t  # (a sharded model's DTensor)
+        key = (local.data_ptr(), t.numel(), t.dtype)  # tied weights share their data
+        if key not in seen:
+            seen.add(key)
+            weights += t.numel() * t.element_size()
+    sizes = [_DIRECTORY, weights + header, len(model.config.to_json_string()) + 64]
+    if getattr(model, "generation_config", None) is not None:
+        sizes.append(len(model.generation_config.to_json_string()) + 64)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        sizes.append(int(len(backend.to_str(pretty=True).encode()) * 1.05))
+    template = getattr(tokenizer, "chat_template", None)
+    sizes += [len(template.encode()) if isinstance(template, str) else 0, 4096, 4096]
+    return sizes
 
 
 def _disk_full(exc: BaseException) -> bool:
@@ -240,20 +307,28 @@ def _single_process_quiet():
 
 
 def save_checkpoint(run_dir: str, step: int, model, optimizer, scheduler, extra: dict,
-                    keep: int = 2, also=None, also_bytes: int = 0) -> str:
+                    keep: int = 2, also=None, also_sizes: Sequence[int] = ()) -> str:
     """A collective under torchrun: every rank calls it with its (sharded) model and optimizer.
-    ``also(tmp_dir)``, called on every rank before the rename, writes more into the checkpoint
-    (about ``also_bytes``, for the free-space check)."""
+    ``also(tmp_dir)``, called on every rank before the rename, writes more into the checkpoint:
+    files of about ``also_sizes`` bytes, for the free-space check."""
     root = os.path.join(run_dir, CKPT_DIR)
     final = os.path.join(root, f"step_{step:06d}")
     tmp = os.path.join(root, f".tmp_step_{step:06d}")
     model_sd, optim_sd = get_state_dict(model, optimizer)
     world = dist.get_world_size() if _distributed() else 1
-    need = (_local_bytes(model_sd) + _local_bytes(optim_sd)) * world + also_bytes + MiB
+    texts = {}
+    if _main():
+        texts = {"train_state.json": _json_text({"scheduler": scheduler.state_dict(),
+                                                 "rng": _rng_state()}),
+                 "trainer_state.json": _json_text({"step": step, "world_size": world, **extra})}
+    shard, index = dcp_bytes({"model": model_sd, "optim": optim_sd})
+    sizes = [_DIRECTORY, *[shard] * world, index, *(len(t.encode()) for t in texts.values()),
+             *also_sizes]
     previous = list_checkpoints(run_dir)
     kept = (f"the previous checkpoint {previous[-1]} is intact" if previous
             else "no checkpoint was written")
     problem = None
+    need = _on_disk(sizes, _block_size(run_dir))
     if _main():
         os.makedirs(root, exist_ok=True)
         free = _free_bytes(root)
@@ -270,11 +345,8 @@ def save_checkpoint(run_dir: str, step: int, model, optimizer, scheduler, extra:
         with _single_process_quiet():
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp,
                      no_dist=not _distributed())
-        if _main():
-            _write_json(os.path.join(tmp, "train_state.json"),
-                        {"scheduler": scheduler.state_dict(), "rng": _rng_state()})
-            _write_json(os.path.join(tmp, "trainer_state.json"),
-                        {"step": step, "world_size": world, **extra})
+        for name, text in texts.items():
+            _write_text(os.path.join(tmp, name), text)
         if also is not None:
             also(tmp)
     except (Exception, CheckpointException) as e:
@@ -292,9 +364,13 @@ def save_checkpoint(run_dir: str, step: int, model, optimizer, scheduler, extra:
     return final
 
 
-def _write_json(path: str, obj) -> None:
+def _json_text(obj) -> str:
+    return json.dumps(obj, indent=1)
+
+
+def _write_text(path: str, text: str) -> None:
     with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
 
@@ -329,6 +405,24 @@ def trainer_state(path: str) -> dict:
     return state
 
 
+def load_dcp(path: str, state: dict) -> None:
+    """Load the DCP checkpoint in ``path`` into ``state`` in place, its index decoded by
+    dcp_metadata and its non-tensor values with ``weights_only``. A collective under torchrun.
+    Raises CheckpointUnreadable."""
+    if not os.path.isfile(os.path.join(path, ".metadata")):
+        raise CheckpointUnreadable("DCP's .metadata is missing")
+    try:
+        metadata = read_metadata(path)
+    except (MetadataRefused, OSError) as e:
+        raise CheckpointUnreadable(str(e)) from None
+    try:
+        with _single_process_quiet():
+            dcp.load(state, storage_reader=_SafeReader(path, metadata), planner=_SafePlanner(),
+                     no_dist=not _distributed())
+    except (Exception, CheckpointException) as e:  # any failure to read is this checkpoint's
+        raise CheckpointUnreadable(f"its tensors do not load ({_reason(e)})") from e
+
+
 def load_checkpoint(path: str, model, optimizer, scheduler) -> dict:
     """Restore model, optimizer, scheduler and RNG (into whatever sharding ``model`` has now);
     return trainer_state.json. A collective under torchrun. Raises CheckpointUnreadable (nothing
@@ -339,16 +433,9 @@ def load_checkpoint(path: str, model, optimizer, scheduler) -> dict:
         raise CheckpointUnreadable("it holds a pickled train_state.pt (an older polyfast's format), "
                                    "which polyfast does not load: unpickling can run code")
     train_state = _read_json(os.path.join(path, "train_state.json"))
-    if not os.path.isfile(os.path.join(path, ".metadata")):
-        raise CheckpointUnreadable("DCP's .metadata is missing")
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    try:
-        with _single_process_quiet():
-            dcp.load(state, storage_reader=_SafeReader(path), planner=_SafePlanner(),
-                     no_dist=not _distributed())
-    except (Exception, CheckpointException) as e:  # any failure to read is this checkpoint's
-        raise CheckpointUnreadable(f"its tensors do not load ({_reason(e)})") from e
+    load_dcp(path, state)
     set_state_dict(model, optimizer, model_state_dict=state["model"],
                    optim_state_dict=state["optim"])
     try:
@@ -365,7 +452,7 @@ def export_pretrained(model, tokenizer, out_dir: str) -> str:
     where = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(where, exist_ok=True)  # (its free space is asked for next)
     shutil.rmtree(tmp, ignore_errors=True)
-    need = _local_bytes(model.state_dict()) + MiB
+    need = _on_disk(export_bytes(model, tokenizer), _block_size(where))
     kept = (f"the previous export {out_dir} is intact" if os.path.exists(out_dir)
             else "nothing was exported")
     free = _free_bytes(where)

@@ -1,4 +1,6 @@
-"""metrics.jsonl writer and the per-bucket tables printed at the end of a run."""
+"""metrics.jsonl writer and the per-bucket tables printed at the end of a run. On resume the log is
+read back as JSON lines (a line that does not decode to an object, as one cut short by a kill,
+is dropped)."""
 
 from __future__ import annotations
 
@@ -33,6 +35,8 @@ class MetricsLog:
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError:  # a line cut short by a kill
+                    continue
+                if not isinstance(row, dict):
                     continue
                 if row.get("event") != "summary" and row.get("step", 0) <= resume_step:
                     kept.append(line if line.endswith("\n") else line + "\n")

@@ -2,7 +2,7 @@
 
 - A lock: the first run on a directory holds ``run_dir/.polyfast.lock`` (``flock``, released by the
   kernel when the process exits, however it exits); a second run is refused at once, naming the
-  holder's pid and host.
+  holder's pid and host (read back from the lock file as JSON).
 - A run identity: the config keys that shape the training trajectory (everything but the keys in
   ``RESUMABLE_KEYS``: logging, saving, devices, kernels), stored with every checkpoint; resuming
   from a checkpoint of a different identity is refused, naming the keys that differ.
