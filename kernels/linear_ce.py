@@ -98,10 +98,10 @@ POLYFAST_CHECK_IDS=0 turns the host check off everywhere.
 
 Block sizes: a pinned config per GPU family, kernel and operand width (``_CONFIGS``), each one
 checked for register spills, shared memory and tensor-core instructions by ``python -m
-polyfast.bench.compile_check`` (sm_90, sm_80 and sm_86, no GPU needed); POLYFAST_AUTOTUNE=1 times a few
-candidates on first use of each shape instead and keeps the fastest. H reaches the kernels padded
-to a multiple of the largest H block (``padded``; real models' hidden sizes already are), so the
-kernels need no H masks and every row load is 16-byte aligned.
+polyfast.bench.compile_check`` (sm_90, sm_80 and sm_86, no GPU needed); POLYFAST_AUTOTUNE=1 times a
+few candidates on first use of each shape instead and keeps the fastest. H reaches the kernels
+padded to a multiple of the largest H block (``padded``; real models' hidden sizes already are), so
+the kernels need no H masks and every row load is 16-byte aligned.
 
 Shapes: hidden (N, H), weight (V, H), targets (N,) int, token_weights (N,) float or None.
 """
@@ -466,8 +466,8 @@ if HAS_TRITON:
 
 # Pinned configs: (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages) per GPU family, kernel
 # ("fwd" / "bwd" here, "joint": joint_logprobs' forward) and operand width ("16": bf16 / fp16 on
-# tensor cores; "32": fp32). Chosen with `python -m polyfast.bench.compile_check` for no register spills
-# and shared memory within the architecture's limit (the fp32 ones are smaller: true fp32
+# tensor cores; "32": fp32). Chosen with `python -m polyfast.bench.compile_check` for no register
+# spills and shared memory within the architecture's limit (the fp32 ones are smaller: true fp32
 # products unroll into FMA chains that spill at the 16-bit tile sizes).
 _CONFIGS = {
     "hopper": {"fwd16": (128, 128, 32, 8, 4), "bwd16": (128, 128, 64, 8, 3),

@@ -18,6 +18,8 @@ def read_json(path: str, what: str):
         raise DataError(f"no such file (expected {what})", path) from None
     except IsADirectoryError:
         raise DataError(f"a directory, not {what}", path) from None
+    except OSError as e:
+        raise DataError(f"cannot read it ({e.strerror or e})", path) from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DataError(f"not {what}: not UTF-8 JSON ({e})", path) from None
 

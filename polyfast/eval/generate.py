@@ -1,10 +1,12 @@
 """Batched generation with a KV cache from an exported checkpoint (transformers' ``generate``).
 
 Prompts are the records' chat prompts (with or without the profile system prompt), left-padded and
-grouped by length; output rows keep the record id and bucket. A predictions file read back
-(``load_predictions``, ``load_samples``) is decoded as JSON lines, a bad row a DataError naming it. ``num_samples`` K > 1 samples K
+grouped by length; output rows keep the record id and bucket. ``num_samples`` K > 1 samples K
 responses per prompt (``do_sample``): the row's ``predictions`` holds all K, ``prediction`` the
 first (what evaluation reads); ``polyfast pairs`` turns them into K pairs that share the prompt.
+
+A predictions file read back (``load_predictions``, ``load_samples``) is decoded as JSON lines; a
+bad row is a DataError naming it.
 """
 
 from __future__ import annotations

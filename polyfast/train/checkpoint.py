@@ -54,7 +54,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from ..errors import RunError
+from ..errors import DataError, RunError
+from ..files import read_json
 from .dcp_metadata import MetadataRefused, read_metadata
 from .distributed import agree
 
@@ -200,8 +201,8 @@ def dcp_bytes(state: dict) -> tuple[int, int]:
 
 
 def export_bytes(model, tokenizer) -> list[int]:
-    """The sizes of what ``export_pretrained`` writes: its directory, model.safetensors (the state dict's
-    tensors once each, tied ones once, and a JSON header entry per name), config.json,
+    """The sizes of what ``export_pretrained`` writes: its directory, model.safetensors (the state
+    dict's tensors, tied ones once, and a JSON header entry per name), config.json,
     generation_config.json and the tokenizer's files (its tokenizer.json, chat template and
     configs)."""
     seen, weights, header = set(), 0, 8 + 64
@@ -384,15 +385,13 @@ def list_checkpoints(run_dir: str) -> list[str]:
 
 
 def _read_json(path: str) -> dict:
+    name = os.path.basename(path)
     try:
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
-    except FileNotFoundError:
-        raise CheckpointUnreadable(f"{os.path.basename(path)} is missing") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointUnreadable(f"{os.path.basename(path)} is unreadable ({e})") from None
+        obj = read_json(path, f"polyfast's {name}")
+    except DataError as e:
+        raise CheckpointUnreadable(f"{name}: {e.message}") from None
     if not isinstance(obj, dict):
-        raise CheckpointUnreadable(f"{os.path.basename(path)} does not hold an object")
+        raise CheckpointUnreadable(f"{name} does not hold an object")
     return obj
 
 

@@ -5,14 +5,14 @@ Pairs that share a prompt form a group (``data.groups``): the prompt and its res
 with the prompt once (``hdpo.prefix_sharing``, default) or once per response; packs hold whole
 groups, per bucket. One ``joint_logprobs`` call per pack gives the per-response log-prob sums of
 the policy, the frozen reference (unless precomputed) and the LM critic (with ``distance: lm``);
-only the policy gets a backward graph.
+only the policy gets a backward graph. Each pair reads its two responses' sums. The step's loss
+is ``hdpo_loss`` with the step's total pair weight and pair count, so micro-batching does not
+change it.
 
 Files read back: the pairs file (``data.load_pairs``, JSON), the reference and critic models
 (``model``: safetensors), and the reference log-prob cache ``run_dir/ref_logps_*.safetensors``
 (safetensors; one that does not decode to finite (pairs, 2) values is computed again, with a
-warning). Each pair reads its two responses' sums. The step's loss
-is ``hdpo_loss`` with the step's total pair weight and pair count, so micro-batching does not
-change it.
+warning).
 """
 
 from __future__ import annotations
