@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import io
-import itertools
 import json
 import multiprocessing
 import os
@@ -33,29 +31,11 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 
+from polyfast.kernels.configs import Variant, variants
+
 # Shared memory a block may use (bytes, opt-in maximum) per architecture.
 SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024, 86: 99 * 1024}
-DTYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32", "tf32": "fp32"}  # name -> pointer type
 SIXTEEN = ("bf16", "fp16")
-
-
-@dataclass
-class Variant:
-    kernel: str          # linear_ce.fwd | linear_ce.bwd | joint.fwd | gemm.stats | gemm.grad
-    arch: int
-    family: str
-    dtype: str           # bf16 | fp16 | fp32 (ieee products) | tf32
-    softcap: bool
-    what: str            # bwd: dh | dw | dh+dw, "filter" when the gradient filter is compiled
-                         # in; joint: models=M; others: -
-    config: tuple        # (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages); the elementwise
-                         # "gemm" kernels: (BLOCK_R, BLOCK_C, 0, num_warps, 1)
-
-    @property
-    def matmul(self) -> bool:
-        """Whether the kernel multiplies matrices (the "gemm" backend's kernels are elementwise:
-        its products run in cuBLAS)."""
-        return not self.kernel.startswith("gemm.")
 
 
 @dataclass
@@ -69,66 +49,21 @@ class Result:
     error: str = ""
 
 
-def variants(archs, dtypes) -> list[Variant]:
-    from polyfast.kernels import linear_ce as lce
-    out = []
-    by_arch = {a: f for f, a in lce.FAMILY_ARCH.items()}
-    for arch, dtype, cap in itertools.product(archs, dtypes, (False, True)):
-        fam = by_arch[arch]
-        width = "16" if dtype in SIXTEEN else "32"
-        cfg = lambda kind: lce._CONFIGS[fam][kind + width]  # noqa: E731
-        out.append(Variant("linear_ce.fwd", arch, fam, dtype, cap, "-", cfg("fwd")))
-        # the gradient filter is on by default for 16-bit operands; exact (off) is one switch away
-        for grads in ("dh filter", "dw filter", "dh+dw filter", "dh+dw"):
-            out.append(Variant("linear_ce.bwd", arch, fam, dtype, cap, grads, cfg("bwd")))
-        for models in (1, 2, 3):
-            out.append(Variant("joint.fwd", arch, fam, dtype, cap, f"models={models}",
-                               cfg("joint")))
-        for kind in ("stats", "grad"):
-            br, bc, warps = lce.ELEMENTWISE_CONFIGS[kind]
-            out.append(Variant(f"gemm.{kind}", arch, fam, dtype, cap, "-", (br, bc, 0, warps, 1)))
-    return out
-
-
-def _source(v: Variant):
-    """The ASTSource of a variant: pointer and scalar types as the launcher passes them, the
-    constexprs it sets, and the 16-byte divisibility of every pointer, H and row stride that the
-    launchers guarantee (``linear_ce.padded``)."""
+def _source(v):
+    """The ASTSource of a variant: pointer and scalar types as the launcher passes them (the
+    kernel module's SIGNATURES), the constexprs it sets, and the 16-byte divisibility of every
+    pointer, H and row stride that the launchers guarantee (``configs.padded``)."""
     import triton
     from triton.compiler import ASTSource
-    jl = importlib.import_module("polyfast.kernels.joint_logprobs")
-    lce = importlib.import_module("polyfast.kernels.linear_ce")
-    bn, bv, bh, _, _ = v.config
-    ptr = "*" + DTYPES[v.dtype]
-    precision = {"fp32": "ieee", "tf32": "tf32"}.get(v.dtype)
-    blocks = {"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_H": bh, "DOT_PRECISION": precision}
-    if v.kernel == "linear_ce.fwd":
-        fn = lce._fwd_kernel
-        types = {"h_ptr": ptr, "w_ptr": ptr, "y_ptr": "*i64", "m_ptr": "*fp32", "s_ptr": "*fp32",
-                 "zt_ptr": "*fp32", "v_per_split": "i32", "softcap": "fp32"}
-        const = {"IGNORE": -100, "HAS_SOFTCAP": v.softcap, **blocks}
-    elif v.kernel == "linear_ce.bwd":
-        fn = lce._bwd_kernel
-        types = {"h_ptr": ptr, "w_ptr": ptr, "y_ptr": "*i64", "lse_ptr": "*fp32", "g_ptr": "*fp32",
-                 "thr_ptr": "*fp32", "dh_ptr": "*fp32", "dw_ptr": "*fp32", "softcap": "fp32"}
-        const = {"HAS_SOFTCAP": v.softcap, "COMPUTE_DH": "dh" in v.what,
-                 "COMPUTE_DW": "dw" in v.what, "FILTER": "filter" in v.what,
-                 "GROUP_N": lce.GROUP_N, **blocks}
-    elif v.kernel == "joint.fwd":
-        fn = jl._joint_fwd_kernel
-        types = {"y_ptr": "*i64", "seg_ptr": "*i64", "m_ptr": "*fp32", "s_ptr": "*fp32",
-                 "zt_ptr": "*fp32", "v_per_split": "i32"}
-        for m in range(3):
-            types.update({f"h{m}": ptr, f"w{m}": ptr, f"cap{m}": "fp32"})
-        const = {"NUM_MODELS": int(v.what.split("=")[1]), "HAS_SOFTCAP": v.softcap, **blocks}
-    else:  # the "gemm" backend's elementwise kernels over fp32 logit chunks
-        fn = lce._chunk_stats_kernel if v.kernel == "gemm.stats" else lce._chunk_grad_kernel
-        types = {"z_ptr": "*fp32", "dl_ptr": ptr, "y_ptr": "*i64", "m_ptr": "*fp32",
-                 "s_ptr": "*fp32", "zt_ptr": "*fp32", "lse_ptr": "*fp32", "g_ptr": "*fp32",
-                 "tcoef_ptr": "*fp32", "softcap": "fp32"}
-        const = {"HAS_SOFTCAP": v.softcap, "BLOCK_R": bn, "BLOCK_C": bv}
-        if v.kernel == "gemm.stats":
-            const["IGNORE"] = -100
+    fn = v.kernel_fn()
+    types, const = v.signature()
+    if not isinstance(fn, triton.runtime.JITFunction):
+        raise RuntimeError("the kernels were defined under TRITON_INTERPRET=1: run compile_check "
+                           "in a process without it (python -m polyfast.bench.compile_check)")
+    missing = set(const) - set(fn.arg_names)
+    if missing:
+        raise KeyError(f"{v.kernel}: the kernel has no arguments {sorted(missing)}: update its "
+                       "SIGNATURES entry")
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in const:
@@ -139,12 +74,6 @@ def _source(v: Variant):
             or re.fullmatch(r"(H|sh|sw)\d", name)
         if aligned:
             attrs[(i,)] = [["tt.divisibility", 16]]
-    if not isinstance(fn, triton.runtime.JITFunction):
-        raise RuntimeError("the kernels were defined under TRITON_INTERPRET=1: run compile_check "
-                           "in a process without it (python -m polyfast.bench.compile_check)")
-    missing = set(const) - set(fn.arg_names)
-    if missing:
-        raise KeyError(f"{v.kernel}: the kernel has no arguments {sorted(missing)}: update compile_check")
     return ASTSource(fn, signature, constexprs=const, attrs=attrs)
 
 
@@ -244,7 +173,7 @@ def main(argv=None) -> int:
     dtypes = list(SIXTEEN) if args.sixteen else ["bf16", "fp16", "fp32", "tf32"]
     t0 = time.perf_counter()
     rows = run(args.arch, dtypes, args.jobs)
-    from .harness import markdown_table
+    from polyfast.tables import markdown_table
     table = []
     for v, r in rows:
         table.append([v.kernel, f"sm_{v.arch}", v.dtype, "yes" if v.softcap else "no", v.what,

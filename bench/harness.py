@@ -30,7 +30,7 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 def machine() -> dict:
     """Date, versions and device; ``run`` tells one invocation's rows from another's in a JSONL
     file that several runs appended to."""
-    info = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    info = {"date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "run": uuid.uuid4().hex[:12], "torch": torch.__version__,
             "python": platform.python_version()}
     try:
@@ -127,8 +127,7 @@ def append_jsonl(path: str, rows: list[dict]) -> None:
     if os.path.dirname(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "a") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+        f.writelines(json.dumps(row) + "\n" for row in rows)
         f.flush()
         os.fsync(f.fileno())
 
@@ -141,13 +140,3 @@ def read_runs(path: str, bench: str, run: str | None = None) -> list[dict]:
         return []
     run = run or rows[-1].get("run")
     return [r for r in rows if r.get("run") == run]
-
-
-def markdown_table(headers: list[str], rows: list[list]) -> str:
-    def fmt(x):
-        if isinstance(x, float):
-            return f"{x:,.1f}" if abs(x) >= 100 else f"{x:.3g}"
-        return "" if x is None else str(x)
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(fmt(c) for c in r) + " |" for r in rows]
-    return "\n".join(lines)

@@ -23,13 +23,14 @@ import sys
 
 import torch
 
-from .harness import (RESULTS, append_jsonl, guarded, machine, markdown_table, measure,
-                      read_runs, run_isolated)
+from polyfast.model import DTYPES
+from polyfast.tables import markdown_table
+
+from .harness import RESULTS, append_jsonl, guarded, machine, measure, read_runs, run_isolated
 
 GRIDS = {"cpu": [(2048, 256, 8192)], "gpu": [(8192, 1536, 151936)]}
 CPU_BACKENDS = ["reference", "torch", "ce_none"]
 GPU_BACKENDS = ["triton", "torch", "reference", "ce_none", "liger_dpo"]
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 MODELS = 3
 SEQS = 32
 

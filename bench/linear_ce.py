@@ -33,8 +33,10 @@ import sys
 
 import torch
 
-from .harness import (RESULTS, append_jsonl, guarded, machine, markdown_table, measure,
-                      read_runs, run_isolated)
+from polyfast.model import DTYPES
+from polyfast.tables import markdown_table
+
+from .harness import RESULTS, append_jsonl, guarded, machine, measure, read_runs, run_isolated
 
 # the large-vocabulary shape of the comparison with Cut Cross-Entropy and Liger (a 248k vocabulary)
 CCE_SHAPE = (16384, 2048, 248320)
@@ -53,13 +55,12 @@ CHECK_BACKENDS = ["gemm", "triton", "triton_exact", "cce", "liger"]
 # the hidden states' standard deviation = the logits' (head rows have unit norm on average):
 # 0.25 gives near-uniform rows; 4 gives peaked ones whose largest probabilities pass any filter
 HIDDEN_STD = 0.25
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _loss_fn(backend: str):
     """A callable (hidden, weight, targets) -> scalar summed CE, or raise ImportError."""
-    from polyfast.kernels import linear_cross_entropy, linear_ce_reference
     import polyfast.kernels.linear_ce as lce
+    from polyfast.kernels import linear_ce_reference, linear_cross_entropy
     if backend in ("reference", "torch", "triton", "gemm"):
         if backend not in lce.BACKENDS:
             raise ImportError(f"polyfast has no {backend!r} backend in this version")

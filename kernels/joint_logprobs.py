@@ -21,16 +21,16 @@ Backends, chosen per call:
   a few (M, P, N) torch ops into each token's log-prob (-log1p(S_off exp(max - z_y)), exact when
   p(target) -> 1) and scatter-added into the (M, S) sums. Up to three models (policy, reference,
   critic) with their own hidden sizes and softcaps share the launch, in one compute dtype
-  (``linear_ce.compute_dtype`` of all their operands: bf16 under autocast). The splits give the
+  (``checks.compute_dtype`` of all their operands: bf16 under autocast). The splits give the
   launch about four programs per SM at HDPO's pack sizes (N = 2048-8192: 16-64 row blocks per
   model alone cannot fill 132 SMs). What it saves over separate calls is launches and merges:
   2M kernel launches and M sets of merge ops become one launch and one merge; the FLOPs and the
   head reads are the same. Measured on an H100 (bench/RESULTS.md) it is slower than the separate
   calls (whose policy call runs the "gemm" backend), so "auto" does not pick it. Backward only for
   the models that need it: from d(sums) (M, S) each token's weight is -d(sums)[m, seg_t], and
-  ``linear_ce.ce_backward`` does the rest (``backward``: "gemm", or the fused Triton kernel with
-  its gradient filter; "auto" as linear_cross_entropy's cost model says); frozen models keep
-  nothing for backward.
+  linear_ce's fused backward does the rest (``backward``: "gemm" (gemm.py), or the fused
+  Triton kernel with its gradient filter (fused_bwd.py); "auto": what the cost model says);
+  frozen models keep nothing for backward.
 - "torch": per model, the chunked linear cross-entropy twin (no (N, V) logits) with reduction
   "none", then a segment scatter-add; frozen models under no_grad. The CPU production path.
 - "reference": full log-softmax per model in fp32 (fp64 for fp64 inputs), then the scatter-add: the
@@ -48,12 +48,18 @@ Returns logp_sums (M, S) fp32 (fp64 under the fp64 reference), token_counts (S,)
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
-from . import linear_ce as _lce
-from .linear_ce import HAS_TRITON, linear_ce_reference, linear_ce_torch
+from .checks import (IGNORE_INDEX, check_ids, compute_dtype, dot_precision, no_autocast,
+                     require_fused, target_rows)
+from .configs import num_sms, pinned_config
+from .fused_bwd import default_filter_eps
+from .linear_ce import FUSED, auto_backend, linear_cross_entropy, padded_operands
+from .torch_twin import linear_ce_reference, linear_ce_torch
+from .triton_helpers import HAS_TRITON, merge_stats, row_stats
 
 if HAS_TRITON:
     import triton
@@ -61,7 +67,6 @@ if HAS_TRITON:
 
 BACKENDS = ("auto", "separate", "triton", "torch", "reference")
 MAX_TRITON_MODELS = 3
-IGNORE_INDEX = -100
 
 
 def _check(hiddens, weights, targets, segment_ids, num_segments, softcaps, requires_grad):
@@ -87,8 +92,8 @@ def _check(hiddens, weights, targets, segment_ids, num_segments, softcaps, requi
         if seq is not None and len(seq) != M:
             raise ValueError(f"{name} needs one entry per model ({M}), got {len(seq)}")
     unscored = segment_ids < 0
-    _lce.check_ids(segment_ids, num_segments, "segment_ids", skip=unscored)
-    _lce.check_ids(targets, V, "targets (of scored tokens)", skip=unscored)
+    check_ids(segment_ids, num_segments, "segment_ids", skip=unscored)
+    check_ids(targets, V, "targets (of scored tokens)", skip=unscored)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,7 +102,7 @@ def _check(hiddens, weights, targets, segment_ids, num_segments, softcaps, requi
 if HAS_TRITON:
 
     @triton.jit
-    def _joint_fwd_kernel(h0, w0, H0, sh0, sw0, cap0, h1, w1, H1, sh1, sw1, cap1,
+    def joint_fwd_kernel(h0, w0, H0, sh0, sw0, cap0, h1, w1, H1, sh1, sw1, cap1,
                           h2, w2, H2, sh2, sw2, cap2, y_ptr, seg_ptr, m_ptr, s_ptr, zt_ptr,
                           N, V, S, v_per_split, NUM_MODELS: tl.constexpr,
                           HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -121,22 +126,31 @@ if HAS_TRITON:
             v0 = pid_s * v_per_split
             v1 = tl.minimum(v0 + v_per_split, V)
             if pid_m == 0:
-                m, s, zt = _lce._row_stats(h0, w0, y, rows, row_ok, v0, v1, H0, sh0, sw0, cap0,
+                m, s, zt = row_stats(h0, w0, y, rows, row_ok, v0, v1, H0, sh0, sw0, cap0,
                                            HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION)
             if NUM_MODELS > 1:
                 if pid_m == 1:
-                    m, s, zt = _lce._row_stats(h1, w1, y, rows, row_ok, v0, v1, H1, sh1, sw1,
+                    m, s, zt = row_stats(h1, w1, y, rows, row_ok, v0, v1, H1, sh1, sw1,
                                                cap1, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_H,
                                                DOT_PRECISION)
             if NUM_MODELS > 2:
                 if pid_m == 2:
-                    m, s, zt = _lce._row_stats(h2, w2, y, rows, row_ok, v0, v1, H2, sh2, sw2,
+                    m, s, zt = row_stats(h2, w2, y, rows, row_ok, v0, v1, H2, sh2, sw2,
                                                cap2, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_H,
                                                DOT_PRECISION)
         out = (pid_m * num_splits + pid_s) * N + rows
         tl.store(m_ptr + out, m, mask=row_ok)
         tl.store(s_ptr + out, s, mask=row_ok)
         tl.store(zt_ptr + out, zt, mask=row_ok)
+
+
+# the argument types the launcher passes (sizes and strides: i32), for bench.compile_check
+SIGNATURES = {"joint.fwd": {
+    "types": {"y_ptr": "*i64", "seg_ptr": "*i64", "m_ptr": "*fp32", "s_ptr": "*fp32",
+              "zt_ptr": "*fp32", "v_per_split": "i32",
+              **{f"{k}{m}": t for m in range(3)
+                 for k, t in (("h", "*operand"), ("w", "*operand"), ("cap", "fp32"))}},
+    "constexprs": lambda v: {"NUM_MODELS": int(v.what.split("=")[1])}}}
 
 
 def joint_splits(N: int, V: int, block_n: int, block_v: int, num_sms: int, M: int = 1) -> int:
@@ -148,7 +162,7 @@ def joint_splits(N: int, V: int, block_n: int, block_v: int, num_sms: int, M: in
 
 def _launch_joint_fwd(hiddens, weights, targets, segs, S, softcaps, num_splits=None):
     """(token log-probs, CE, lse), each (M, N) fp32, and the (M, S) fp32 sums. hiddens[m] (N, H_m)
-    and weights[m] (V, H_m) as ``linear_ce.padded`` makes them, all of one compute dtype;
+    and weights[m] (V, H_m) as ``linear_ce.padded_operands`` makes them, all of one compute dtype;
     targets (N,) int64 (0 where not scored), segs (N,) int64. ``num_splits`` forces the
     vocabulary split count (tests)."""
     M, N, V = len(hiddens), targets.shape[0], weights[0].shape[0]
@@ -158,8 +172,8 @@ def _launch_joint_fwd(hiddens, weights, targets, segs, S, softcaps, num_splits=N
         lp = torch.zeros(M, 0, device=device, dtype=torch.float32)
         return lp, lp.clone(), lp.clone(), sums
     dtype = hiddens[0].dtype
-    bn, bv, bh, warps, stages = _lce.pinned_config("joint", device, dtype)
-    P = num_splits or joint_splits(N, V, bn, bv, _lce._num_sms(device), M)
+    bn, bv, bh, warps, stages = pinned_config("joint", device, dtype)
+    P = num_splits or joint_splits(N, V, bn, bv, num_sms(device), M)
     v_per_split = triton.cdiv(triton.cdiv(V, P), bv) * bv
     P = triton.cdiv(V, v_per_split)
     args = []
@@ -168,75 +182,91 @@ def _launch_joint_fwd(hiddens, weights, targets, segs, S, softcaps, num_splits=N
         h, w = hiddens[k], weights[k]
         args += [h, w, h.shape[1], h.stride(0), w.stride(0), float(softcaps[k] or 0.0)]
     part = torch.empty(3, M, P, N, device=device, dtype=torch.float32)  # (m, s, zt) per split
-    _joint_fwd_kernel[(triton.cdiv(N, bn), M, P)](
+    joint_fwd_kernel[(triton.cdiv(N, bn), M, P)](
         *args, targets, segs, part[0], part[1], part[2], N, V, S, v_per_split, NUM_MODELS=M,
         HAS_SOFTCAP=any(c is not None for c in softcaps), BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh,
-        DOT_PRECISION=_lce.dot_precision(dtype), num_warps=warps, num_stages=stages)
+        DOT_PRECISION=dot_precision(dtype), num_warps=warps, num_stages=stages)
     scored = (segs >= 0) & (segs < S)
     y = torch.where(scored, targets, IGNORE_INDEX)
     ce = torch.empty(M, N, device=device, dtype=torch.float32)
     lse = torch.empty_like(ce)
     for m in range(M):
-        ce[m], lse[m], _ = _lce._merge_stats(part[0, m], part[1, m], part[2, m], y, IGNORE_INDEX,
+        ce[m], lse[m], _ = merge_stats(part[0, m], part[1, m], part[2, m], y, IGNORE_INDEX,
                                              V)
     lp = -ce
     sums.index_add_(1, torch.where(scored, segs, 0), torch.where(scored, lp, 0.0))
     return lp, ce, lse, sums
 
 
-class _TritonJoint(torch.autograd.Function):
+@dataclass(frozen=True)
+class JointParams:
+    """What a single-launch joint call computes, resolved once: per model its softcap and whether
+    it trains, the compute dtype, and the launch's knobs."""
+
+    num_segments: int
+    softcaps: tuple                 # (M,) float | None
+    trains: tuple                   # (M,) bool: the models that get a backward
+    dtype: torch.dtype              # compute_dtype of every model's operands
+    backward: str                   # the trainable models' backward: "triton" | "gemm"
+    filter_eps: float               # "triton" backward's gradient filter (0 = exact)
+    num_splits: int | None = None   # the forward's vocabulary splits (None: as the GPU needs)
+
+
+class TritonJoint(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, targets, segs, num_segments, softcaps, grads, dtype, opts, *tensors):
-        M = len(tensors) // 2
+    def forward(ctx, targets, segs, p: JointParams, *tensors):
+        # tensors: hidden_0, weight_0, hidden_1, weight_1, ...
+        M, num_segments, softcaps, dtype = len(tensors) // 2, p.num_segments, p.softcaps, p.dtype
         ctx.orig = [(tensors[2 * m].dtype, tensors[2 * m + 1].dtype) for m in range(M)]
-        with _lce.no_autocast(targets.device.type):
+        with no_autocast(targets.device.type):
             hiddens, weights = [], []
             for m in range(M):  # (N, Hp_m), (V, Hp_m): H padded as the kernels need it
-                Hp = _lce.padded_size(tensors[2 * m].shape[1], targets.device)
-                hiddens.append(_lce.padded(tensors[2 * m], dtype, Hp))
-                weights.append(_lce.padded(tensors[2 * m + 1], dtype, Hp))
+                h, w = padded_operands(tensors[2 * m], tensors[2 * m + 1], dtype)
+                hiddens.append(h)
+                weights.append(w)
             segs = segs.long().contiguous()
             scored = segs >= 0
-            _, in_range, y = _lce._target_rows(torch.where(scored, targets, IGNORE_INDEX),
-                                               IGNORE_INDEX, weights[0].shape[0])
+            _, in_range, y = target_rows(torch.where(scored, targets, IGNORE_INDEX),
+                                         IGNORE_INDEX, weights[0].shape[0])
             lp, ce, lse, sums = _launch_joint_fwd(hiddens, weights, y, segs, num_segments,
-                                                  softcaps, opts["num_splits"])
+                                                  softcaps, p.num_splits)
             # bad ids (possible only with the id check off) poison their rows and all the sums
             bad = (scored & ~in_range) | (segs >= num_segments)
             lp = torch.where(bad, float("nan"), lp)
             ce = torch.where(bad, float("nan"), ce)
             sums = sums + torch.where(bad.any(), float("nan"), 0.0)
         saved = [y, segs, ce, lse]
-        ctx.trainable = [m for m in range(M) if grads[m]]
+        ctx.trainable = [m for m in range(M) if p.trains[m]]
         ctx.sizes = [tensors[2 * m].shape[1] for m in range(M)]
         for m in ctx.trainable:  # frozen models keep nothing
             saved += [hiddens[m], weights[m]]
         ctx.save_for_backward(*saved)
-        ctx.softcaps, ctx.M, ctx.S, ctx.opts = softcaps, M, num_segments, opts
+        ctx.p, ctx.M = p, M
         return sums, lp
 
     @staticmethod
     def backward(ctx, d_sums, d_lp):
         y, segs, ce, lse, *rest = ctx.saved_tensors
         grads = [None] * (2 * ctx.M)
-        scored = (segs >= 0) & (segs < ctx.S)
+        p = ctx.p
+        scored = (segs >= 0) & (segs < p.num_segments)
         seg = torch.where(scored, segs, 0)
-        with _lce.no_autocast(y.device.type):
+        with no_autocast(y.device.type):
             for k, m in enumerate(ctx.trainable):
                 h, w = rest[2 * k], rest[2 * k + 1]
                 # logp = -CE: each token's CE weight is -(d sums[m, seg_t] + d lp[m, t])
                 g = -(d_sums[m].float().gather(0, seg) + d_lp[m].float())
                 g = torch.where(scored, g, 0.0).contiguous()
-                need_h = ctx.needs_input_grad[7 + 2 * m]
-                need_w = ctx.needs_input_grad[8 + 2 * m]
+                need_h = ctx.needs_input_grad[3 + 2 * m]
+                need_w = ctx.needs_input_grad[4 + 2 * m]
                 zt = lse[m] - ce[m]
                 y_m = torch.where(scored, y, IGNORE_INDEX)
-                dh, dw = _lce.ce_backward(h, w, y_m, IGNORE_INDEX, g, ce[m], lse[m], zt,
-                                          ctx.softcaps[m], need_h, need_w, dtypes=ctx.orig[m],
-                                          H=ctx.sizes[m], impl=ctx.opts["backward"],
-                                          filter_eps=ctx.opts["filter_eps"])
+                dh, dw = FUSED[p.backward].backward(
+                    h, w, y_m, g, ce[m], lse[m], zt, softcap=p.softcaps[m],
+                    ignore_index=IGNORE_INDEX, need_h=need_h, need_w=need_w, dtypes=ctx.orig[m],
+                    H=ctx.sizes[m], filter_eps=p.filter_eps)
                 grads[2 * m], grads[2 * m + 1] = dh, dw
-        return (None, None, None, None, None, None, None, *grads)
+        return (None, None, None, *grads)
 
 
 def joint_logprobs_triton(hiddens, weights, targets, segment_ids, num_segments, *, softcaps=None,
@@ -247,20 +277,16 @@ def joint_logprobs_triton(hiddens, weights, targets, segment_ids, num_segments, 
     count; ``backward`` the trainable models' backward ("triton" | "gemm"; "auto": what
     linear_cross_entropy's "auto" would run on CUDA, "triton" under the interpreter);
     ``filter_eps`` the "triton" backward's gradient filter."""
-    if not HAS_TRITON:
-        raise RuntimeError("the triton backend needs the triton package")
     _check(hiddens, weights, targets, segment_ids, num_segments, softcaps, requires_grad)
     M = len(hiddens)
     if M > MAX_TRITON_MODELS:
         raise ValueError(f"the triton backend takes up to {MAX_TRITON_MODELS} models, got {M}")
-    if targets.device.type != "cuda" and not _lce._interpreting():
-        raise RuntimeError("the triton backend runs on CUDA tensors (or on CPU under "
-                           "TRITON_INTERPRET=1 for testing); use backend='torch' on a CPU")
+    require_fused("triton", targets.device, HAS_TRITON)
     softcaps = list(softcaps) if softcaps is not None else [None] * M
     if requires_grad is None:
         requires_grad = [h.requires_grad or w.requires_grad for h, w in zip(hiddens, weights)]
-    dtype = _lce.compute_dtype(*hiddens, *weights)
-    _lce.dot_precision(dtype)  # a clear error for float64
+    dtype = compute_dtype(*hiddens, *weights)
+    dot_precision(dtype)  # a clear error for float64
     tensors = []
     for h, w, g in zip(hiddens, weights, requires_grad):
         tensors += [h, w] if g else [h.detach(), w.detach()]
@@ -269,11 +295,10 @@ def joint_logprobs_triton(hiddens, weights, targets, segment_ids, num_segments, 
     if backward == "auto":
         trainable = [m for m in range(M) if requires_grad[m]]
         backward = ("triton" if not trainable or not targets.is_cuda
-                    else _lce.auto_backend(hiddens[trainable[0]], weights[trainable[0]]))
-    opts = {"num_splits": num_splits, "backward": backward,
-            "filter_eps": _lce.default_filter_eps(dtype, filter_eps)}
-    sums, lp = _TritonJoint.apply(targets, segment_ids, num_segments, softcaps,
-                                  list(requires_grad), dtype, opts, *tensors)
+                    else auto_backend(hiddens[trainable[0]], weights[trainable[0]]))
+    params = JointParams(num_segments, tuple(softcaps), tuple(requires_grad), dtype, backward,
+                         default_filter_eps(dtype, filter_eps), num_splits)
+    sums, lp = TritonJoint.apply(targets, segment_ids, params, *tensors)
     counts = _segment_counts(segment_ids, num_segments)
     return (sums, counts, lp) if return_token_logprobs else (sums, counts)
 
@@ -315,7 +340,7 @@ def joint_logprobs(hiddens: Sequence[torch.Tensor], weights: Sequence[torch.Tens
     t = torch.where(scored, targets, IGNORE_INDEX)
     seg = torch.where(scored, segment_ids, 0).long()
     fn = {"reference": linear_ce_reference, "torch": linear_ce_torch,
-          "separate": _lce.linear_cross_entropy}[backend]
+          "separate": linear_cross_entropy}[backend]
     per_token = []
     for h, w, cap, grad in zip(hiddens, weights, softcaps, requires_grad):
         if grad:

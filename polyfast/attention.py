@@ -122,14 +122,14 @@ def _padded_head_dim(D: int) -> int:
     return -(-D // 8) * 8
 
 
-def _pad_head_dim(x: torch.Tensor) -> torch.Tensor:
+def pad_head_dim(x: torch.Tensor) -> torch.Tensor:
     # zeros on the right of the head dimension: q.k and the softmax (with an explicit scale) are
     # unchanged, and the output's extra columns (zero weights of v) are cut off after
     D = x.shape[-1]
     return x if D % 8 == 0 else F.pad(x, (0, _padded_head_dim(D) - D))
 
 
-def _cuda_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale, softcap, window, groups):
+def cuda_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale, softcap, window, groups):
     # q: (Tq, Hq, D), k/v: (Tk, Hkv, D) -> (Tq, Hq, D), or None when no CUDA backend fits. Both
     # kernels align causal masks bottom-right when a segment has more keys than queries.
     if _flash_varlen is not None:
@@ -196,7 +196,7 @@ def packed_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
             dtype = torch.get_autocast_dtype("cuda")
             q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         if varlen_kernel_fits(q, k, v):
-            out = _cuda_varlen(_pad_head_dim(q), _pad_head_dim(k), _pad_head_dim(v),
+            out = cuda_varlen(pad_head_dim(q), pad_head_dim(k), pad_head_dim(v),
                                cu.to(torch.int32), cu_k.to(torch.int32), max_len, max_k, scale,
                                softcap, window, groups)
             if out is not None:

@@ -1,4 +1,15 @@
-"""``polyfast <command> ...``: sft, demo, data stats."""
+"""``polyfast <command> ...``: the command line.
+
+    demo       the whole pipeline on the built-in data (CPU)
+    sft        Bucket-Aware SFT from a YAML config
+    generate   batched generation from an exported model
+    pairs      preference pairs: human (chosen) against a prediction (rejected)
+    critic     critic references, training and scoring
+    hdpo       HDPO from a Bucket-SFT checkpoint and a pairs file
+    eval       per-bucket metrics, report.md and plots; --compare runs side by side
+    config     every config key with its meaning (config show sft|hdpo)
+    data       data tools (data stats)
+"""
 
 from __future__ import annotations
 
@@ -15,7 +26,7 @@ def _overrides(args) -> list[str]:
     return list(args.overrides) + (["train.overwrite=true"] if args.overwrite else [])
 
 
-def _demo_inputs(cfg) -> None:
+def note_demo_inputs(cfg) -> None:
     """Say so when a config trains on the demo's inputs (the built-in records, or files a demo
     run wrote under runs/demo), which a copied demo config does unless its paths are changed."""
     from .config import flatten, to_dict
@@ -29,19 +40,24 @@ def _demo_inputs(cfg) -> None:
               + f" (override them, e.g. {next(iter(demo))}=PATH, for your own)", file=sys.stderr)
 
 
-def _cmd_sft(args) -> int:
-    from .config import SFTConfig, load_config
+def _train(args, kind: str) -> int:
+    """``polyfast sft`` / ``polyfast hdpo``: the config (checked before torch is imported, so that
+    typos fail fast), the run directory's lock, the trainer, its run and a summary."""
+    from .config import HDPOConfig, SFTConfig, load_config
 
-    cfg = load_config(SFTConfig, args.config, _overrides(args))  # before torch: typos fail fast
+    cfg = load_config(SFTConfig if kind == "sft" else HDPOConfig, args.config, _overrides(args))
     from .train.rundir import check_unlocked
-    from .train.sft import SFTTrainer
 
     check_unlocked(cfg.run_dir)  # refuse before loading data and model, not after
-    trainer = SFTTrainer(cfg)
-    _demo_inputs(cfg)
+    if kind == "sft":
+        from .train.sft import SFTTrainer as trainer_class
+    else:
+        from .train.hdpo import HDPOTrainer as trainer_class
+    trainer = trainer_class(cfg)
+    note_demo_inputs(cfg)
     result = trainer.fit()
     if trainer.dist.main:  # under torchrun, one summary
-        _print_result(result)
+        (_print_sft if kind == "sft" else _print_hdpo)(result)
     return 0
 
 
@@ -53,7 +69,7 @@ def _steps(s: dict) -> str:
             f"{s['resumed_from_step']})")
 
 
-def _print_result(result: dict) -> None:
+def _print_sft(result: dict) -> None:
     from .train.sft import eval_table
 
     s = result["summary"]
@@ -73,19 +89,7 @@ def _cmd_demo(args) -> int:
     return 0
 
 
-def _cmd_hdpo(args) -> int:
-    from .config import HDPOConfig, load_config
-
-    cfg = load_config(HDPOConfig, args.config, _overrides(args))  # before torch: typos fail fast
-    from .train.hdpo import HDPOTrainer
-    from .train.rundir import check_unlocked
-
-    check_unlocked(cfg.run_dir)
-    trainer = HDPOTrainer(cfg)
-    _demo_inputs(cfg)
-    result = trainer.fit()
-    if not trainer.dist.main:  # under torchrun, one summary
-        return 0
+def _print_hdpo(result: dict) -> None:
     s = result["summary"]
     if result["eval_after"] and result["eval_before"]:
         b, a = result["eval_before"], result["eval_after"]
@@ -93,7 +97,6 @@ def _cmd_hdpo(args) -> int:
               f"margin {b['margin']:.3f} -> {a['margin']:.3f}")
     print(f"{_steps(s)} in {s['train_seconds']:.1f}s, {s['tokens_per_s']:,.0f} tokens/s; "
           f"model exported to {s['export']}")
-    return 0
 
 
 def _records_arg(path: str, args=None):
@@ -138,6 +141,7 @@ def _truncation_note(rows) -> str:
 
 def _cmd_pairs(args) -> int:
     import dataclasses
+
     from .critic import References, text_distance
     from .data import make_pairs, pair_weights, save_pairs
     from .data.pairs import describe_counts
@@ -169,7 +173,9 @@ def _cmd_pairs(args) -> int:
 
 def _cmd_critic(args) -> int:
     import json
+
     import numpy as np
+
     from .critic import FEATURE_NAMES, MLPCritic, References, features, train_mlp_critic
     from .data import load_pairs
 
@@ -283,7 +289,7 @@ def _cmd_eval(args) -> int:
 
 def _cmd_data_stats(args) -> int:
     from .data import bucket_weights, demo_records, read_records, token_count
-    from .train.metrics import format_table
+    from .tables import format_table
 
     if args.path == "demo":
         records, report = demo_records(args.split or "train"), None
@@ -331,13 +337,13 @@ def build_parser() -> argparse.ArgumentParser:
     sft.add_argument("config")
     sft.add_argument("overrides", nargs="*", help="key.path=value")
     sft.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
-    sft.set_defaults(func=_cmd_sft)
+    sft.set_defaults(func=lambda args: _train(args, "sft"))
 
     hdpo = sub.add_parser("hdpo", help="HDPO from a Bucket-SFT checkpoint and a pairs file")
     hdpo.add_argument("config")
     hdpo.add_argument("overrides", nargs="*", help="key.path=value")
     hdpo.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
-    hdpo.set_defaults(func=_cmd_hdpo)
+    hdpo.set_defaults(func=lambda args: _train(args, "hdpo"))
 
     demo = sub.add_parser("demo", help="the whole pipeline on the built-in demo data (CPU)")
     demo.add_argument("--out", default=None, help="output directory (default runs/demo)")

@@ -44,6 +44,12 @@ class Range:
 
 
 POSITIVE, NON_NEGATIVE, AT_LEAST_1 = Range(0, lo_open=True), Range(0), Range(1)
+
+
+def knob(default=dataclasses.MISSING, help: str = "", *, factory=dataclasses.MISSING):
+    """A config field with its meaning beside it (``polyfast config show`` prints it): a default,
+    or a ``factory`` of one for a nested config or a list."""
+    return field(default=default, default_factory=factory, metadata={"help": help})
 RUN_DIR_HELP = "the run's directory: config.yaml, metrics.jsonl, checkpoints/, final/"
 FRACTION = Range(0, 1)
 
@@ -51,122 +57,120 @@ FRACTION = Range(0, 1)
 @dataclass
 class TinyModelConfig:
     """A randomly initialised model built from a config (no download)."""
-    arch: Literal["llama", "qwen2"] = "llama"
-    hidden_size: int = 128
-    num_layers: int = 2
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    intermediate_size: int = 352
-    max_position_embeddings: int = 4096
-    tie_word_embeddings: bool = True
-    vocab_size: int | None = None
+    arch: Literal["llama", "qwen2"] = knob("llama",
+                                           "llama | qwen2: the transformers architecture of the "
+                                           "tiny model")
+    hidden_size: int = knob(128, "width of the residual stream")
+    num_layers: int = knob(2, "decoder layers")
+    num_heads: int = knob(4, "attention heads")
+    num_kv_heads: int = knob(2,
+                             "key/value heads (grouped-query attention when fewer than num_heads)")
+    intermediate_size: int = knob(352, "width of the MLP")
+    max_position_embeddings: int = knob(4096, "longest sequence RoPE is set up for")
+    tie_word_embeddings: bool = knob(True, "the head shares the embedding matrix")
+    vocab_size: int | None = knob(None,
+                                  "null: the tokenizer's; larger gives a real model's head shape")
 
     LIMITS: ClassVar[dict] = {k: AT_LEAST_1 for k in (
         "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
         "max_position_embeddings", "vocab_size")}
-    HELP: ClassVar[dict] = {
-        "arch": "llama | qwen2: the transformers architecture of the tiny model",
-        "hidden_size": "width of the residual stream",
-        "num_layers": "decoder layers",
-        "num_heads": "attention heads",
-        "num_kv_heads": "key/value heads (grouped-query attention when fewer than num_heads)",
-        "intermediate_size": "width of the MLP",
-        "max_position_embeddings": "longest sequence RoPE is set up for",
-        "tie_word_embeddings": "the head shares the embedding matrix",
-        "vocab_size": "null: the tokenizer's; larger gives a real model's head shape",
-    }
 
 
 @dataclass
 class ModelConfig:
-    path: str | None = None
-    tokenizer: str | None = None
-    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    activation_checkpointing: bool = False
-    liger: bool = False
-    compile: bool = False
-    trust_remote_code: bool = False
+    path: str | None = knob(None,
+                            "a local Hugging Face model directory (safetensors); null builds "
+                            "model.tiny")
+    tokenizer: str | None = knob(None,
+                                 "a local tokenizer directory; null: model.path's, or the byte "
+                                 "tokenizer of the tiny model")
+    tiny: TinyModelConfig = knob(
+        factory=TinyModelConfig, help="the randomly initialised model built when model.path is "
+                                      "null")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = knob(
+        "auto",
+        "auto: fp32 weights and optimizer state, bf16 compute on CUDA; bfloat16 / float16: weights"
+        " and optimizer state in that dtype (least memory)")
+    activation_checkpointing: bool = knob(False,
+                                          "recompute each decoder layer in the backward (less "
+                                          "memory)")
+    liger: bool = knob(False, "Liger-Kernel's RMSNorm and SwiGLU/GEGLU modules (CUDA)")
+    compile: bool = knob(False, "torch.compile each decoder layer")
+    trust_remote_code: bool = knob(False, "allow model code shipped with the checkpoint")
 
-    HELP: ClassVar[dict] = {
-        "path": "a local Hugging Face model directory (safetensors); null builds model.tiny",
-        "tokenizer": "a local tokenizer directory; null: model.path's, or the byte tokenizer of "
-                     "the tiny model",
-        "tiny": "the randomly initialised model built when model.path is null",
-        "dtype": "auto: fp32 weights and optimizer state, bf16 compute on CUDA; bfloat16 / "
-                 "float16: weights and optimizer state in that dtype (least memory)",
-        "activation_checkpointing": "recompute each decoder layer in the backward (less memory)",
-        "liger": "Liger-Kernel's RMSNorm and SwiGLU/GEGLU modules (CUDA)",
-        "compile": "torch.compile each decoder layer",
-        "trust_remote_code": "allow model code shipped with the checkpoint",
-    }
 
 
 @dataclass
 class DataConfig:
-    train: str = "demo"
-    val: str | None = None
-    test: str | None = None
-    skip_bad_rows: bool = False
-    legacy_tokens: bool = False
-    system_prompt: Literal["profile", "record", "none"] = "profile"
-    max_tokens: int = 2048
-    packing: Literal["bucket", "mixed", "none"] = "bucket"
-    batch_size: int = 4
-    overlong: Literal["truncate_left", "drop"] = "truncate_left"
-    weighting: Literal["bucket", "example", "token"] = "bucket"
-    weight_power: float = 1.0
-    weight_clip: float | None = None
+    train: str = knob("demo",
+                      "TRAIN records: a .jsonl/.json file, a datasets directory, .parquet/.arrow, "
+                      "hf:NAME[:SPLIT], or demo (the built-in records)")
+    val: str | None = knob(None,
+                           "held-out records for the per-bucket eval loss (same forms, demo: the "
+                           "built-in ones); null: none")
+    test: str | None = knob(None,
+                            "test records (same forms); read by the evaluation, not by training")
+    skip_bad_rows: bool = knob(False, "skip and count bad rows instead of stopping at the first")
+    legacy_tokens: bool = knob(False,
+                               "the released English data's token regex for derived length bins")
+    system_prompt: Literal["profile", "record", "none"] = knob(
+        "profile",
+        "profile: the length/style profile prompt; record: the row's own system prompt; none")
+    max_tokens: int = knob(2048, "pack capacity in tokens, and the longest example")
+    packing: Literal["bucket", "mixed", "none"] = knob(
+        "bucket",
+        "bucket: packs of one bucket; mixed: any examples; none: padded batches")
+    batch_size: int = knob(4, "examples per micro-batch with packing: none")
+    overlong: Literal["truncate_left", "drop"] = knob(
+        "truncate_left",
+        "an example longer than max_tokens: cut its prompt from the left, or drop it")
+    weighting: Literal["bucket", "example", "token"] = knob(
+        "bucket",
+        "bucket: w_b = N / (K n_b); example: every example alike; token: every token alike")
+    weight_power: float = knob(1.0,
+                               "bucket weights n_b^-power (1: the paper's inverse frequency, 0: "
+                               "none)")
+    weight_clip: float | None = knob(None, "cap on the bucket weights; null: no cap")
 
     LIMITS: ClassVar[dict] = {"max_tokens": Range(2), "batch_size": AT_LEAST_1,
                               "weight_power": NON_NEGATIVE, "weight_clip": POSITIVE}
-    HELP: ClassVar[dict] = {
-        "train": "TRAIN records: a .jsonl/.json file, a datasets directory, .parquet/.arrow, "
-                 "hf:NAME[:SPLIT], or demo (the built-in records)",
-        "val": "held-out records for the per-bucket eval loss (same forms, demo: the built-in "
-               "ones); null: none",
-        "test": "test records (same forms); read by the evaluation, not by training",
-        "skip_bad_rows": "skip and count bad rows instead of stopping at the first",
-        "legacy_tokens": "the released English data's token regex for derived length bins",
-        "system_prompt": "profile: the length/style profile prompt; record: the row's own "
-                         "system prompt; none",
-        "max_tokens": "pack capacity in tokens, and the longest example",
-        "packing": "bucket: packs of one bucket; mixed: any examples; none: padded batches",
-        "batch_size": "examples per micro-batch with packing: none",
-        "overlong": "an example longer than max_tokens: cut its prompt from the left, or drop it",
-        "weighting": "bucket: w_b = N / (K n_b); example: every example alike; token: every "
-                     "token alike",
-        "weight_power": "bucket weights n_b^-power (1: the paper's inverse frequency, 0: none)",
-        "weight_clip": "cap on the bucket weights; null: no cap",
-    }
 
 
 @dataclass
 class TrainConfig:
-    epochs: float = 1.0
-    max_steps: int | None = None
-    grad_accum: int = 1
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1
-    warmup_ratio: float = 0.05
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float | None = 1.0
-    loss_backend: Literal["auto", "triton", "gemm", "torch", "reference"] = "auto"
-    device: str = "auto"
-    tf32: bool = False
-    num_threads: int | None = None
-    log_every: int = 1
-    eval_every: int = 0
-    save_every: int = 0
-    keep_checkpoints: int = 2
-    checkpoint_hf: bool = True
-    resume: bool = False
-    overwrite: bool = False
-    nonfinite: Literal["stop", "skip"] = "stop"
-    max_skipped_steps: int = 10
-    progress: bool = True
-    report_to: list[Literal["tensorboard"]] = field(default_factory=list)
+    epochs: float = knob(1.0, "passes over the training packs (fractions allowed)")
+    max_steps: int | None = knob(None, "optimizer steps; null: from epochs")
+    grad_accum: int = knob(1, "micro-batches (packs) per optimizer step")
+    lr: float = knob(1e-3, "peak learning rate (AdamW)")
+    min_lr_ratio: float = knob(0.1, "the cosine schedule ends at lr * min_lr_ratio")
+    warmup_ratio: float = knob(0.05, "share of the steps spent in linear warm-up")
+    weight_decay: float = knob(0.0, "AdamW weight decay")
+    betas: tuple[float, float] = knob((0.9, 0.95), "AdamW betas")
+    grad_clip: float | None = knob(1.0, "gradient norm clip; null: none")
+    loss_backend: Literal["auto", "triton", "gemm", "torch", "reference"] = knob(
+        "auto",
+        "the loss head: auto (torch on a CPU, on CUDA the fused kernel its cost model picks), "
+        "triton, gemm, torch (chunked), reference (full logits)")
+    device: str = knob("auto", "auto | cpu | cuda | cuda:N")
+    tf32: bool = knob(False, "fp32 CUDA matmuls on TF32 tensor cores (for model.dtype float32)")
+    num_threads: int | None = knob(None, "torch CPU threads; null: torch's default")
+    log_every: int = knob(1, "steps between metrics rows (each one waits for the device)")
+    eval_every: int = knob(0, "steps between evaluations; 0: before and after training only")
+    save_every: int = knob(0, "steps between checkpoints; 0: only the final export")
+    keep_checkpoints: int = knob(2, "checkpoints kept in run_dir/checkpoints (older ones deleted)")
+    checkpoint_hf: bool = knob(True, "each checkpoint also holds hf/, a save_pretrained export")
+    resume: bool = knob(False, "continue from run_dir's latest checkpoint")
+    overwrite: bool = knob(False, "replace a run already in run_dir (--overwrite)")
+    nonfinite: Literal["stop", "skip"] = knob("stop",
+                                              "a step with a non-finite loss or gradient norm: "
+                                              "stop, or skip its update")
+    max_skipped_steps: int = knob(10,
+                                  "with nonfinite: skip, stop after more skipped steps than this")
+    progress: bool = knob(True, "progress bars")
+    report_to: list[Literal["tensorboard"]] = knob(
+        factory=list,
+        help="extra metric sinks beside metrics.jsonl: [tensorboard] (needs pip install "
+             "polyfast[tensorboard]); events under run_dir/tensorboard")
 
     LIMITS: ClassVar[dict] = {
         "epochs": POSITIVE, "max_steps": AT_LEAST_1, "grad_accum": AT_LEAST_1, "lr": NON_NEGATIVE,
@@ -174,52 +178,20 @@ class TrainConfig:
         "betas": Range(0, 1, hi_open=True), "grad_clip": POSITIVE, "num_threads": AT_LEAST_1,
         "log_every": AT_LEAST_1, "eval_every": NON_NEGATIVE, "save_every": NON_NEGATIVE,
         "keep_checkpoints": NON_NEGATIVE, "max_skipped_steps": NON_NEGATIVE}
-    HELP: ClassVar[dict] = {
-        "epochs": "passes over the training packs (fractions allowed)",
-        "max_steps": "optimizer steps; null: from epochs",
-        "grad_accum": "micro-batches (packs) per optimizer step",
-        "lr": "peak learning rate (AdamW)",
-        "min_lr_ratio": "the cosine schedule ends at lr * min_lr_ratio",
-        "warmup_ratio": "share of the steps spent in linear warm-up",
-        "weight_decay": "AdamW weight decay",
-        "betas": "AdamW betas",
-        "grad_clip": "gradient norm clip; null: none",
-        "loss_backend": "the loss head: auto (torch on a CPU, on CUDA the fused kernel its cost "
-                        "model picks), triton, gemm, torch (chunked), reference (full logits)",
-        "device": "auto | cpu | cuda | cuda:N",
-        "tf32": "fp32 CUDA matmuls on TF32 tensor cores (for model.dtype float32)",
-        "num_threads": "torch CPU threads; null: torch's default",
-        "log_every": "steps between metrics rows (each one waits for the device)",
-        "eval_every": "steps between evaluations; 0: before and after training only",
-        "save_every": "steps between checkpoints; 0: only the final export",
-        "keep_checkpoints": "checkpoints kept in run_dir/checkpoints (older ones deleted)",
-        "checkpoint_hf": "each checkpoint also holds hf/, a save_pretrained export",
-        "resume": "continue from run_dir's latest checkpoint",
-        "overwrite": "replace a run already in run_dir (--overwrite)",
-        "nonfinite": "a step with a non-finite loss or gradient norm: stop, or skip its update",
-        "max_skipped_steps": "with nonfinite: skip, stop after more skipped steps than this",
-        "progress": "progress bars",
-        "report_to": "extra metric sinks beside metrics.jsonl: [tensorboard] (needs "
-                     "pip install polyfast[tensorboard]); events under run_dir/tensorboard",
-    }
 
 
 @dataclass
 class SFTConfig:
-    run_dir: str = "runs/sft"
-    seed: int = 0
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    run_dir: str = knob("runs/sft", RUN_DIR_HELP)
+    seed: int = knob(0, "seeds the model's initialisation and the data order")
+    model: ModelConfig = knob(
+        factory=ModelConfig, help="the model to train")
+    data: DataConfig = knob(
+        factory=DataConfig, help="records, buckets, packing and weighting")
+    train: TrainConfig = knob(
+        factory=TrainConfig, help="optimizer, schedule, logging and checkpoints")
 
     LIMITS: ClassVar[dict] = {"seed": NON_NEGATIVE}
-    HELP: ClassVar[dict] = {
-        "run_dir": RUN_DIR_HELP,
-        "seed": "seeds the model's initialisation and the data order",
-        "model": "the model to train",
-        "data": "records, buckets, packing and weighting",
-        "train": "optimizer, schedule, logging and checkpoints",
-    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,8 +301,8 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as e:
             problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-            raise ConfigError(key.strip(), f"the value {raw!r} is not valid YAML ({problem}); quote "
-                              "a string, write a list as [a, b]") from None
+            raise ConfigError(key.strip(), f"the value {raw!r} is not valid YAML ({problem}); "
+                              "quote a string, write a list as [a, b]") from None
         out.append((key.strip(), value))
     return out
 
@@ -403,67 +375,63 @@ def save_config(cfg, path: str) -> None:
 
 @dataclass
 class PairDataConfig:
-    pairs: str = ""
-    val_pairs: str | None = None
-    skip_bad_rows: bool = False
-    legacy_tokens: bool = False
-    system_prompt: Literal["profile", "record", "none"] = "profile"
-    max_tokens: int = 2048
-    overlong: Literal["truncate_left", "drop"] = "truncate_left"
+    pairs: str = knob("",
+                      "preference pairs: polyfast JSONL (polyfast pairs), the authors' HDPO "
+                      "export, a datasets directory, .parquet/.arrow or hf:NAME[:SPLIT]")
+    val_pairs: str | None = knob(None, "held-out pairs for reward accuracy and margin; null: none")
+    skip_bad_rows: bool = knob(False, "skip and count bad rows instead of stopping at the first")
+    legacy_tokens: bool = knob(False,
+                               "the released English data's token regex for derived length bins")
+    system_prompt: Literal["profile", "record", "none"] = knob(
+        "profile",
+        "profile | record | none, as data.system_prompt of SFT")
+    max_tokens: int = knob(2048, "pack capacity; each side of a pair fits half of it")
+    overlong: Literal["truncate_left", "drop"] = knob(
+        "truncate_left",
+        "a side longer than half a pack: cut the prompt from the left, or drop the pair")
 
     LIMITS: ClassVar[dict] = {"max_tokens": Range(4)}
-    HELP: ClassVar[dict] = {
-        "pairs": "preference pairs: polyfast JSONL (polyfast pairs), the authors' HDPO export, "
-                 "a datasets directory, .parquet/.arrow or hf:NAME[:SPLIT]",
-        "val_pairs": "held-out pairs for reward accuracy and margin; null: none",
-        "skip_bad_rows": "skip and count bad rows instead of stopping at the first",
-        "legacy_tokens": "the released English data's token regex for derived length bins",
-        "system_prompt": "profile | record | none, as data.system_prompt of SFT",
-        "max_tokens": "pack capacity; each side of a pair fits half of it",
-        "overlong": "a side longer than half a pack: cut the prompt from the left, or drop the pair",
-    }
 
 
 @dataclass
 class HDPOLossConfig:
-    beta: float = 0.1
-    reg_lambda: float = 0.1
-    ftx: float = 0.05
-    label_smoothing: float = 0.0
-    distance: Literal["pairs", "feature", "lm", "none"] = "pairs"
-    references: str | None = None
-    band_floor: Literal["language", "authors"] = "language"
-    critic_model: str | None = None
-    min_bucket_size: int = 20
-    reference: Literal["live", "precomputed"] = "live"
-    frozen: Literal["replicate", "shard"] = "replicate"
-    loss_backend: Literal["auto", "separate", "triton", "torch", "reference"] = "auto"
-    prefix_sharing: bool = True
+    beta: float = knob(0.1, "DPO temperature on the policy/reference log-ratio")
+    reg_lambda: float = knob(0.1, "weight of the critic-distance regulariser")
+    ftx: float = knob(0.05, "weight of the anchor: the chosen side's mean NLL")
+    label_smoothing: float = knob(0.0, "conservative DPO: share of the flipped-preference loss")
+    distance: Literal["pairs", "feature", "lm", "none"] = knob(
+        "pairs",
+        "critic distances from the pair file (pairs), the text-feature band (feature), an LM "
+        "critic's NLL band (lm), or none (DPO + anchor)")
+    references: str | None = knob(None,
+                                  "feature references JSON (polyfast critic references); null: "
+                                  "built from the train pairs' human sides")
+    band_floor: Literal["language", "authors"] = knob(
+        "language",
+        "scale floor of the band distance: language (a feature's spread over the language's human "
+        "responses) or authors (1e-6, the released code's)")
+    critic_model: str | None = knob(None,
+                                    "the LM critic of distance: lm; null: model.path (the SFT "
+                                    "checkpoint)")
+    min_bucket_size: int = knob(20, "a bucket with fewer human responses uses its parent's band")
+    reference: Literal["live", "precomputed"] = knob(
+        "live",
+        "live: the frozen reference model runs every step; precomputed: its log-probs are computed"
+        " once and cached in run_dir")
+    frozen: Literal["replicate", "shard"] = knob(
+        "replicate",
+        "under torchrun: frozen models replicated on every rank, or FSDP2-sharded")
+    loss_backend: Literal["auto", "separate", "triton", "torch", "reference"] = knob(
+        "auto",
+        "auto, separate (one loss-head call per model), triton (one fused launch for all), torch, "
+        "reference (full logits)")
+    prefix_sharing: bool = knob(True,
+                                "a group of pairs with one prompt holds the prompt once (same "
+                                "numbers, less work)")
 
     LIMITS: ClassVar[dict] = {"beta": POSITIVE, "reg_lambda": NON_NEGATIVE, "ftx": NON_NEGATIVE,
                               "label_smoothing": Range(0, 0.5, hi_open=True),
                               "min_bucket_size": AT_LEAST_1}
-    HELP: ClassVar[dict] = {
-        "beta": "DPO temperature on the policy/reference log-ratio",
-        "reg_lambda": "weight of the critic-distance regulariser",
-        "ftx": "weight of the anchor: the chosen side's mean NLL",
-        "label_smoothing": "conservative DPO: share of the flipped-preference loss",
-        "distance": "critic distances from the pair file (pairs), the text-feature band "
-                    "(feature), an LM critic's NLL band (lm), or none (DPO + anchor)",
-        "references": "feature references JSON (polyfast critic references); null: built from "
-                      "the train pairs' human sides",
-        "band_floor": "scale floor of the band distance: language (a feature's spread over the "
-                      "language's human responses) or authors (1e-6, the released code's)",
-        "critic_model": "the LM critic of distance: lm; null: model.path (the SFT checkpoint)",
-        "min_bucket_size": "a bucket with fewer human responses uses its parent's band",
-        "reference": "live: the frozen reference model runs every step; precomputed: its "
-                     "log-probs are computed once and cached in run_dir",
-        "frozen": "under torchrun: frozen models replicated on every rank, or FSDP2-sharded",
-        "loss_backend": "auto, separate (one loss-head call per model), triton (one fused launch "
-                        "for all), torch, reference (full logits)",
-        "prefix_sharing": "a group of pairs with one prompt holds the prompt once (same numbers, "
-                          "less work)",
-    }
 
 
 def _hdpo_train_defaults() -> TrainConfig:
@@ -472,23 +440,20 @@ def _hdpo_train_defaults() -> TrainConfig:
 
 @dataclass
 class HDPOConfig:
-    run_dir: str = "runs/hdpo"
-    seed: int = 0
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: PairDataConfig = field(default_factory=PairDataConfig)
-    hdpo: HDPOLossConfig = field(default_factory=HDPOLossConfig)
-    train: TrainConfig = field(default_factory=_hdpo_train_defaults)
+    run_dir: str = knob("runs/hdpo", RUN_DIR_HELP)
+    seed: int = knob(0, "seeds the data order")
+    model: ModelConfig = knob(
+        factory=ModelConfig, help="model.path: the Bucket-SFT export, the policy's start and "
+                                  "the frozen reference")
+    data: PairDataConfig = knob(
+        factory=PairDataConfig, help="preference pairs and packing")
+    hdpo: HDPOLossConfig = knob(
+        factory=HDPOLossConfig, help="the HDPO loss and its critic")
+    train: TrainConfig = knob(
+        factory=_hdpo_train_defaults, help="optimizer, schedule, logging and checkpoints (HDPO "
+                                           "defaults: lr 5e-7, warm-up 0.1, cosine to 0)")
 
     LIMITS: ClassVar[dict] = {"seed": NON_NEGATIVE}
-    HELP: ClassVar[dict] = {
-        "run_dir": RUN_DIR_HELP,
-        "seed": "seeds the data order",
-        "model": "model.path: the Bucket-SFT export, the policy's start and the frozen reference",
-        "data": "preference pairs and packing",
-        "hdpo": "the HDPO loss and its critic",
-        "train": "optimizer, schedule, logging and checkpoints (HDPO defaults: lr 5e-7, "
-                 "warm-up 0.1, cosine to 0)",
-    }
 
 
 CONFIGS = {"sft": SFTConfig, "hdpo": HDPOConfig}
@@ -500,10 +465,9 @@ def show_config(cls, cfg=None) -> str:
     lines: list[str] = []
 
     def walk(obj, indent: str) -> None:
-        helps = getattr(type(obj), "HELP", {})
         for f in dataclasses.fields(obj):
             value = getattr(obj, f.name)
-            note = helps.get(f.name, "")
+            note = f.metadata.get("help", "")
             if dataclasses.is_dataclass(value):
                 lines.append(f"{indent}{f.name}:" + (f"  # {note}" if note else ""))
                 walk(value, indent + "  ")

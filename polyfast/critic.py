@@ -1,4 +1,4 @@
-"""The critic's target: distance of a response to its bucket's human support (METHOD.md section 4).
+"""The critic's target: distance of a response to its bucket's human support (docs/method.md section 4).
 
 Files read back: a references file (``References.load``: JSON, checked for its keys), a critic
 directory (``MLPCritic.load``: ``critic.json`` as JSON, ``critic.safetensors`` as safetensors); a
@@ -80,7 +80,7 @@ def text_features(text: str) -> dict[str, float]:
     lower = [t.lower() for t in tokens]
     sentences = [s for s in _SENT_END.split(norm) if s.strip()]
     sent_lens = [len(_TOKEN.findall(s)) for s in sentences] or [0]
-    han = len(T._HAN.findall(norm))
+    han = len(T.HAN.findall(norm))
     latin = [w for w in words if w.isascii()]
     letters = [c for c in norm if c.isalpha() and c.isascii()]
     digits = sum(c.isdigit() for c in norm)
@@ -138,11 +138,12 @@ def response_logprobs(model, tokenizer, records: Sequence[Record], responses: Se
     """Per-token log-probs of each response (the record's, or ``responses``) under ``model``,
     after the record's prompt or after nothing but a start token. One packed forward per batch,
     log-probs from joint_logprobs; returns one float array per response."""
-    from .data.packing import pack_examples, collate
+    import dataclasses
+
+    from .data.packing import collate, pack_examples
     from .data.tokenize import Example, encode_record, fit_length
     from .kernels import joint_logprobs
     from .model import head_weight, hidden_states, logit_softcap, set_packed
-    import dataclasses
 
     set_packed(model, True)
     device = next(model.parameters()).device

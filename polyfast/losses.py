@@ -1,52 +1,55 @@
-"""Objectives on top of the kernels: Bucket-Aware SFT (METHOD.md section 2) and HDPO (section 5).
+"""Objectives on top of the kernels: Bucket-Aware SFT (docs/method.md section 2) and HDPO
+(section 5).
 
-Bucket-Aware SFT, normalised over the whole optimizer step:
+Bucket-Aware SFT, normalised over the whole optimizer step, in one place:
 
-    L = sum_i w_b(i) * L_i / sum_i w_b(i),   L_i = mean over response tokens of CE
+    L = sum_i w_b(i) * L_i / sum_i w_b(i),      L_i = mean over example i's response tokens of CE
 
-written with token weights omega_{i,t} = w_b(i) / T_i, so a micro-batch contributes
-``sum_t omega_t * CE_t`` and the step divides by ``sum_i w_b(i)`` over all of its micro-batches.
+- the mass m_i of example i: w_b(i), its bucket's weight (``data.bucket_weights``, from the TRAIN
+  split at tokenisation); 1 for ``weighting: example``; T_i for ``weighting: token``
+  (``data.packing.example_mass``);
+- each response token's weight omega_{i,t} = m_i / T_i (``data.packing.token_weight``), carried by
+  the batch's ``ScoredTokens`` with the hidden row that predicts the token (the token before it);
+- a micro-batch contributes ``sum_t omega_t * CE_t`` (``bucket_sft_loss``), and the step divides by
+  ``step_normalizer``, sum_i m_i over all of its micro-batches' examples (on every rank), so the
+  accumulated gradient is that of L whatever the micro-batch size.
 """
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
 import torch.nn.functional as F
 
-from polyfast.kernels import linear_cross_entropy
-
-IGNORE_INDEX = -100
-
-
-def shift_left(x: torch.Tensor, fill) -> torch.Tensor:
-    """Row-wise next-token alignment: (B, T) -> (B, T) with out[:, t] = x[:, t + 1], last = fill.
-
-    On a packed row this crosses example boundaries only onto an example's first token, which is
-    always a prompt token (label -100, weight 0), so nothing leaks between examples.
-    """
-    return torch.cat([x[:, 1:], torch.full_like(x[:, :1], fill)], dim=1)
+from .data.packing import ScoredTokens, example_mass
+from .kernels import linear_cross_entropy
 
 
-def bucket_sft_loss(hidden, weight, labels, token_weights, normalizer, *, softcap=None,
+def step_normalizer(examples: Iterable, weighting: str = "bucket") -> float:
+    """sum_i m_i over a step's examples (a host float: no device sync)."""
+    return sum(example_mass(ex, weighting) for ex in examples)
+
+
+def bucket_sft_loss(hidden, weight, scored: ScoredTokens, normalizer: float, *, softcap=None,
                     backend="auto"):
     """Step-normalised Bucket-Aware SFT loss of one micro-batch.
 
-    hidden (B*T, H) trunk output, weight (V, H) head, labels (B, T) unshifted (-100 = not scored),
-    token_weights (B*T,) omega aligned with labels, normalizer: sum of w_b over the step's examples.
-    Returns (loss scalar, per-token weighted CE (B*T,) aligned with the predicting position).
+    hidden (T, H) the trunk's output over the batch's stream (or its padded (B * L) rows),
+    weight (V, H) the head, ``scored`` the batch's scored tokens, normalizer the step's
+    ``step_normalizer``. Returns (loss scalar, per scored token omega_t * CE_t (N,)).
     """
-    B, T = labels.shape
-    targets = shift_left(labels, IGNORE_INDEX).reshape(-1)  # (B*T,)
-    w = shift_left(token_weights.view(B, T), 0.0).reshape(-1)  # (B*T,)
-    per_token = linear_cross_entropy(hidden, weight, targets, w, softcap=softcap,
-                                     reduction="none", backend=backend)  # (B*T,)
+    h = hidden.index_select(0, scored.rows)  # (N, H): only the rows that predict a scored token
+    per_token = linear_cross_entropy(h, weight, scored.targets, scored.weights, softcap=softcap,
+                                     reduction="none", backend=backend)  # (N,)
     return per_token.sum() / normalizer, per_token
 
 
 def hdpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_dist, rejected_dist,
               pair_weight, chosen_tokens, *, beta=0.1, reg_lambda=0.1, ftx=0.05, label_smoothing=0.0,
               weight_sum=None, num_pairs=None):
-    """HDPO (METHOD.md section 5) over a batch of P pairs; every argument but the options is (P,).
+    """HDPO (docs/method.md section 5) over a batch of P pairs; every argument but the options is
+    (P,).
 
         h      = (pc - pr) - (rc - rr)
         l_dpo  = -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)

@@ -18,7 +18,7 @@ from . import attention
 from .config import ModelConfig, TinyModelConfig
 from .errors import ConfigError
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -31,7 +31,7 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 def param_dtype(cfg: ModelConfig) -> torch.dtype:
     # "auto": fp32 parameters everywhere; CUDA runs the forward under bf16 autocast
-    return torch.float32 if cfg.dtype == "auto" else _DTYPES[cfg.dtype]
+    return torch.float32 if cfg.dtype == "auto" else DTYPES[cfg.dtype]
 
 
 def autocast_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype | None:

@@ -16,7 +16,7 @@ from .critic import text_distance, text_references
 from .data import demo_records, make_pairs, pair_weights, save_pairs
 from .data.tokenize import encode_records, fit_length
 from .eval.generate import GenerationConfig, generate, load_for_generation, save_predictions
-from .train.metrics import format_table
+from .tables import format_table
 
 # The built-in demo's SFT run (configs/demo_sft.yaml holds the same settings; a test keeps them equal).
 DEMO_SFT = {

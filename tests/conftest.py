@@ -17,8 +17,8 @@ POLYALIGN_FORMAT = ROOT / "tests" / "data" / "polyalign_format.json"
 @pytest.fixture(scope="session")
 def sample_dir():
     """The authors' released sample, for the few checks against their own ids and weights:
-    $POLYFAST_SAMPLE, else shared/data/polyalign_sample beside the checkout (bench.train.sample_dir)."""
-    from polyfast.bench.train import sample_dir as where
+    $POLYFAST_SAMPLE, else shared/data/polyalign_sample beside the checkout (bench.train_setup.sample_dir)."""
+    from polyfast.bench.train_setup import sample_dir as where
 
     path = pathlib.Path(where())
     if not (path / "dist_sft_val.json").is_file():

@@ -8,7 +8,6 @@ import subprocess
 
 import pytest
 import torch
-
 from polyfast.bench import harness
 from polyfast.bench import train as bench_train
 from polyfast.bench.linear_ce import main as linear_ce_main
@@ -30,12 +29,14 @@ def test_guarded_records_any_exception():
     assert harness.guarded(oom)["error"].startswith("out of memory")
 
 
+@pytest.mark.slow
 def test_run_isolated_reports_a_crash_and_a_timeout():
     assert "error" in harness.run_isolated("polyfast.bench.no_such_module", [])
     r = harness.run_isolated("http.server", ["0"], timeout=3)  # serves forever
     assert r == {"error": "timed out after 3 s"}
 
 
+@pytest.mark.slow
 def test_linear_ce_rows_are_written_as_measured_and_render_from_the_file(tmp_path):
     out = tmp_path / "rows.jsonl"
     linear_ce_main(["--shapes", "48x16x100", "--backends", "torch", "no_such_backend",

@@ -3,17 +3,17 @@ GPU benchmark's model has Qwen2.5-1.5B's shape."""
 
 import pytest
 import torch
-
 from polyfast.bench import train as bench
 
 
 def _args(**over):
-    _, args = bench._args(["--steps", "1", "--warmup", "0", "--max-tokens", "1024"])
+    _, args = bench.parse_args(["--steps", "1", "--warmup", "0", "--max-tokens", "1024"])
     for k, v in over.items():
         setattr(args, k, v)
     return args
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", bench.MODES)
 def test_each_mode_runs_a_step_and_counts_real_tokens(mode):
     row = bench.run_one(mode, _args())
@@ -43,7 +43,7 @@ def test_group_work_counts_pair_tokens_and_bottom_right_attention():
 
 
 def test_mode_selects_the_modes_of_a_kind_and_the_bucket_table_shows_the_gain():
-    _, args = bench._args(["--mode", "hdpo"])
+    _, args = bench.parse_args(["--mode", "hdpo"])
     assert args.modes == ["hdpo:polyfast", "hdpo:unshared", "hdpo:baseline"]
     rows = [{"mode": "hdpo", "impl": impl, "steps": 2, "tokens": 100, "tokens_per_s": tps,
              "step_ms": 1.0, "peak_mb": 1.0, "model": "demo", "max_tokens": 64, "grad_accum": 1,
@@ -56,10 +56,11 @@ def test_mode_selects_the_modes_of_a_kind_and_the_bucket_table_shows_the_gain():
 
 
 def test_flops_are_twice_the_matmul_parameters_per_token_plus_attention():
+    from transformers import AutoModelForCausalLM
+
     from polyfast.config import TinyModelConfig
     from polyfast.data import byte_tokenizer
     from polyfast.model import tiny_config
-    from transformers import AutoModelForCausalLM
     cfg = tiny_config(TinyModelConfig(arch="qwen2", hidden_size=64, num_layers=3, num_heads=4,
                                       num_kv_heads=2, intermediate_size=96, vocab_size=1000),
                       byte_tokenizer())
@@ -72,10 +73,11 @@ def test_flops_are_twice_the_matmul_parameters_per_token_plus_attention():
 
 
 def test_the_gpu_model_has_qwen25_15b_shape():
+    from transformers import AutoModelForCausalLM
+
     from polyfast.config import TinyModelConfig
     from polyfast.data import byte_tokenizer
     from polyfast.model import tiny_config
-    from transformers import AutoModelForCausalLM
     cfg = tiny_config(TinyModelConfig(**bench.MODELS["qwen2.5-1.5b"]), byte_tokenizer())
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg)

@@ -6,10 +6,9 @@ import pytest
 import yaml
 
 from polyfast.cli import main
-from polyfast.config import flatten
-from polyfast.pipeline import DEMO_SFT
-from polyfast.config import SFTConfig, load_config
+from polyfast.config import SFTConfig, flatten, load_config
 from polyfast.errors import ConfigError
+from polyfast.pipeline import DEMO_SFT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -77,6 +76,7 @@ def test_sft_command_runs(tmp_path, capsys):
     assert os.path.exists(run / "metrics.jsonl") and os.path.exists(run / "config.yaml")
 
 
+@pytest.mark.slow
 def test_demo_pipeline_end_to_end(tmp_path, capsys):
     # the pipeline shrunk (a quarter epoch of SFT, short generations, 12 HDPO steps); the full one
     # is the README's command

@@ -9,7 +9,10 @@ import re
 import subprocess
 import sys
 
+import pytest
 from polyfast.bench.compile_check import SHARED_LIMIT, Result, Variant, problems
+
+pytestmark = pytest.mark.slow  # ptxas compiles every 16-bit variant
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

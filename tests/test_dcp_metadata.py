@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from polyfast.train import checkpoint as ckpt_mod
-from polyfast.train.dcp_metadata import _GLOBALS, MetadataRefused, read_metadata
+from polyfast.train.dcp_metadata import ALLOWED_GLOBALS, MetadataRefused, read_metadata
 
 DATA = pathlib.Path(__file__).parent / "data"
 P = pickle  # opcode constants
@@ -130,7 +130,7 @@ def test_a_plain_global_is_refused(ckpt, tmp_path):
 
 
 @pytest.mark.parametrize("target", sorted(_TARGETS))
-@pytest.mark.parametrize("module", sorted({m for m, _ in _GLOBALS}))
+@pytest.mark.parametrize("module", sorted({m for m, _ in ALLOWED_GLOBALS}))
 def test_dotted_names_through_every_allowed_module_are_refused(ckpt, tmp_path, module, target):
     d, marker = ckpt
     dotted = _path_to(module, target)

@@ -10,6 +10,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+pytestmark = pytest.mark.slow  # torchrun / two processes
+
 STEPS = 5
 SAVE = {"train.save_every": 3}  # a DCP checkpoint after step 3
 
@@ -27,23 +29,23 @@ def _losses(run_dir) -> dict[int, float]:
 
 
 def _trainer(kind, run_dir, grad_accum, sft_path=None, over=None):
-    from polyfast.config import HDPOConfig, load_config, SFTConfig
+    from polyfast.config import HDPOConfig, SFTConfig, load_config
     from polyfast.data import byte_tokenizer
     common = {"run_dir": run_dir, "train.max_steps": STEPS, "train.log_every": 1,
               "train.grad_accum": grad_accum, "train.num_threads": 1, "train.progress": False,
               **(over or {})}
     if kind == "sft":
         from polyfast.train.sft import SFTTrainer
-        from tests.test_sft import TINY, _data
+        from tests.test_sft import TINY, sft_data
         tok = byte_tokenizer()
         cfg = load_config(SFTConfig, None, [], extra={**TINY, "data.max_tokens": 1024, **common})
-        return SFTTrainer(cfg, data=_data(tok), tokenizer=tok)
+        return SFTTrainer(cfg, data=sft_data(tok), tokenizer=tok)
     from polyfast.train.hdpo import HDPOTrainer
-    from tests.test_hdpo import _pairs
+    from tests.test_hdpo import hdpo_pairs
     cfg = load_config(HDPOConfig, None, [], extra={
         "model.path": sft_path, "hdpo.distance": "feature", "hdpo.min_bucket_size": 3,
         "train.lr": 1e-4, "data.max_tokens": 2048, **common})
-    return HDPOTrainer(cfg, pairs=_pairs(40, 7))
+    return HDPOTrainer(cfg, pairs=hdpo_pairs(40, 7))
 
 
 def _worker(rank, world, port, kind, run_dir, sft_path, over):

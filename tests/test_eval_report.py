@@ -74,6 +74,7 @@ def test_report_files_and_plots(data, tmp_path):
     assert "C-MAUVE skipped" in (tmp_path / "run" / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_eval_command_and_compare(data, tmp_path, capsys):
     test, _ = data
     preds = tmp_path / "p.jsonl"

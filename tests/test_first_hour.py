@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -39,29 +38,33 @@ def _python(code: str, **env) -> subprocess.CompletedProcess:
 # -- 9. fast answers, config show ---------------------------------------------------------------
 
 def test_cli_import_help_and_config_typos_need_no_torch():
+    # fast answers: importing the CLI, --help and a config typo never import torch or transformers
+    # (what would cost seconds); checked by what is imported, not by a clock
     code = """if True:
-        import sys, time
-        t = time.perf_counter()
+        import contextlib, io, sys
         import polyfast.cli
-        took = time.perf_counter() - t
         assert "torch" not in sys.modules and "transformers" not in sys.modules, "imported"
-        print(f"import {took:.3f}")
         for argv in (["sft", "configs/demo_sft.yaml", "train.lrr=1"],
                      ["hdpo", "configs/demo_hdpo.yaml", "hdpo.bta=1"]):
             assert polyfast.cli.main(argv) == 2
         assert "torch" not in sys.modules, "a config typo imported torch"
-        print(f"typos {time.perf_counter() - t:.3f}")
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            try:
+                polyfast.cli.main(["sft", "--help"])
+            except SystemExit as e:
+                assert e.code == 0, e.code
+        assert "--overwrite" in out.getvalue(), out.getvalue()
+        assert "torch" not in sys.modules and "transformers" not in sys.modules, "--help imported"
+        print("ok")
         """
     res = _python(code)
     assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "ok"
     assert "did you mean 'lr'?" in res.stderr and "did you mean 'beta'?" in res.stderr
-    took = dict(line.split() for line in res.stdout.splitlines())
-    assert float(took["import"]) < 1.5 and float(took["typos"]) < 1.5  # no torch: well under
-    t = time.perf_counter()
     res = subprocess.run([sys.executable, "-m", "polyfast", "sft", "--help"], capture_output=True,
                          text=True, timeout=60, check=False, cwd=ROOT)
     assert res.returncode == 0 and "--overwrite" in res.stdout
-    assert time.perf_counter() - t < 1.5 + 1.0  # the interpreter's own start-up on top
 
 
 @pytest.mark.parametrize("kind", ["sft", "hdpo"])
@@ -110,7 +113,7 @@ def test_the_cli_is_the_top_floor():
     assert "cli" not in _imports("pipeline")  # the demo's settings live below the CLI
     assert not {m for m in _imports("cli") if m.split(".")[0] not in ("errors", "config")} - {
         "pipeline", "train.sft", "train.hdpo", "train.rundir", "eval.generate", "eval.evaluate",
-        "critic", "data", "data.pairs", "model", "train.metrics"}
+        "critic", "data", "data.pairs", "model", "tables"}
 
 
 # -- 6. pairs --references with nothing kept ----------------------------------------------------
@@ -170,15 +173,15 @@ def test_data_summary_ctrl_c_and_resume(tmp_path, capsys, monkeypatch):
 
 
 def test_a_config_of_demo_files_says_so(capsys):
-    from polyfast.cli import _demo_inputs
+    from polyfast.cli import note_demo_inputs
     from polyfast.config import HDPOConfig, load_config
 
     path = os.path.join(ROOT, "configs", "demo_hdpo.yaml")
-    _demo_inputs(load_config(HDPOConfig, path))  # what `polyfast hdpo` says before training
+    note_demo_inputs(load_config(HDPOConfig, path))  # what `polyfast hdpo` says before training
     assert ("this config uses the demo's inputs: model.path=runs/demo/sft/final, "
             "data.pairs=runs/demo/pairs.jsonl (override them, e.g. model.path=PATH, for your own)"
             ) in capsys.readouterr().err
-    _demo_inputs(load_config(HDPOConfig, path, ["data.pairs=mine.jsonl", "model.path=sft"]))
+    note_demo_inputs(load_config(HDPOConfig, path, ["data.pairs=mine.jsonl", "model.path=sft"]))
     assert capsys.readouterr().err == ""
 
 
@@ -186,9 +189,9 @@ def test_a_config_of_demo_files_says_so(capsys):
 
 def test_records_and_pairs_from_datasets_forms(tmp_path):
     import datasets
+    from conftest import POLYALIGN_FORMAT
 
     from polyfast.data import load_pairs
-    from conftest import POLYALIGN_FORMAT
 
     rows = json.loads(POLYALIGN_FORMAT.read_text())
     for r in rows:

@@ -5,8 +5,8 @@ without a GPU."""
 import pytest
 import torch
 
-from tests.test_hdpo import _pairs
-from tests.test_sft import _grads, _trainer
+from tests.test_hdpo import hdpo_pairs
+from tests.test_sft import param_grads, sft_trainer
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -14,13 +14,13 @@ pytestmark = [pytest.mark.cuda,
 
 def test_liger_modules_give_the_same_step(tmp_path):
     pytest.importorskip("liger_kernel", reason="liger-kernel is not installed")
-    plain = _trainer(tmp_path / "p", **{"train.device": "cuda"})
-    liger = _trainer(tmp_path / "l", **{"train.device": "cuda", "model.liger": True})
+    plain = sft_trainer(tmp_path / "p", **{"train.device": "cuda"})
+    liger = sft_trainer(tmp_path / "l", **{"train.device": "cuda", "model.liger": True})
     pack = plain.step_packs(0)[0]
     losses, grads = [], []
     for tr in (plain, liger):
         losses.append(tr.forward_backward([pack])["loss"].item())
-        grads.append(_grads(tr).double())
+        grads.append(param_grads(tr).double())
     assert losses[1] == pytest.approx(losses[0], rel=1e-2)  # both under bf16 autocast
     cos = torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0)
     assert cos > 0.999, cos
@@ -38,7 +38,7 @@ def _no_sync_steps(tr, steps=2):
 
 
 def test_sft_and_hdpo_steps_make_no_host_sync(tmp_path):
-    sft = _trainer(tmp_path / "sft", **{"train.device": "cuda", "train.max_steps": 3,
+    sft = sft_trainer(tmp_path / "sft", **{"train.device": "cuda", "train.max_steps": 3,
                                         "train.grad_accum": 2, "train.loss_backend": "triton"})
     _no_sync_steps(sft)
     export = sft.export(str(tmp_path / "sft" / "final"))
@@ -51,7 +51,7 @@ def test_sft_and_hdpo_steps_make_no_host_sync(tmp_path):
             "hdpo.distance": "feature", "hdpo.min_bucket_size": 3, "hdpo.reference": reference,
             "hdpo.loss_backend": "triton", "train.device": "cuda", "train.progress": False,
             "train.grad_accum": 2, "data.max_tokens": 2048})
-        _no_sync_steps(HDPOTrainer(cfg, pairs=_pairs(40, 7)))
+        _no_sync_steps(HDPOTrainer(cfg, pairs=hdpo_pairs(40, 7)))
 
 
 def test_a_nan_step_is_skipped_on_the_device_and_reported_after_the_fact():

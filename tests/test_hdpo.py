@@ -2,18 +2,18 @@
 
 import pytest
 import torch
+from polyfast.kernels import joint_logprobs
 
 from polyfast.config import HDPOConfig, ModelConfig, SFTConfig, TinyModelConfig, load_config
 from polyfast.data import byte_tokenizer, demo_records, make_pairs
 from polyfast.data.groups import collate_groups, encode_groups, pack_groups
-from polyfast.kernels import joint_logprobs
 from polyfast.model import head_weight, hidden_states, load_model, set_packed
 from polyfast.train.hdpo import HDPOTrainer
 from polyfast.train.sft import SFTTrainer
 from tests.utils import assert_close
 
 
-def _pairs(n=24, stride=13):
+def hdpo_pairs(n=24, stride=13):
     # rejected: the human response with its words in reverse order, a systematic difference
     recs = [r for r in demo_records("train") if r.length_bin != "xlong"][::stride][:n]
     reverse = lambda t: " ".join(t.split()[::-1]) if " " in t else t[::-1]  # noqa: E731
@@ -28,7 +28,7 @@ def test_packed_pair_logprobs_equal_unpacked_sums(arch, shared):
     model = load_model(ModelConfig(tiny=TinyModelConfig(arch=arch, hidden_size=48, num_layers=2,
                                                         num_heads=4, num_kv_heads=2,
                                                         intermediate_size=96)), tok).eval()
-    examples, _ = encode_groups(tok, _pairs(8), system="profile", max_tokens=4096, shared=shared)
+    examples, _ = encode_groups(tok, hdpo_pairs(8), system="profile", max_tokens=4096, shared=shared)
     names = sorted({e.bucket for e in examples})
     (pack,) = pack_groups(examples, 100_000, packing="mixed")
     assert len(pack) == 8
@@ -63,7 +63,7 @@ def sft_checkpoint(tmp_path_factory):
 
 @pytest.mark.parametrize("distance,reference", [("feature", "live"), ("lm", "precomputed")])
 def test_short_hdpo_run_learns_the_preference(sft_checkpoint, tmp_path, distance, reference):
-    pairs = _pairs(40, 7)
+    pairs = hdpo_pairs(40, 7)
     cfg = load_config(HDPOConfig, None, [], extra={
         "model.path": sft_checkpoint, "run_dir": str(tmp_path / "hdpo"), "hdpo.distance": distance,
         "hdpo.reference": reference, "hdpo.min_bucket_size": 3, "train.lr": 2e-4,
@@ -78,7 +78,7 @@ def test_short_hdpo_run_learns_the_preference(sft_checkpoint, tmp_path, distance
 
 
 def test_hdpo_loss_does_not_depend_on_micro_batching(sft_checkpoint, tmp_path):
-    pairs = _pairs(12, 11)
+    pairs = hdpo_pairs(12, 11)
     losses = []
     for ga, cap in ((1, 100_000), (3, 3000)):
         cfg = load_config(HDPOConfig, None, [], extra={
@@ -98,8 +98,8 @@ def test_hdpo_loss_does_not_depend_on_micro_batching(sft_checkpoint, tmp_path):
 
 def test_a_critic_that_is_the_reference_is_held_once_and_gives_the_same_loss(sft_checkpoint,
                                                                                tmp_path):
-    import shutil
     import random
+    import shutil
     import string
     copy = str(shutil.copytree(sft_checkpoint, tmp_path / "copy"))  # the same weights, elsewhere
     rng = random.Random(0)
@@ -133,7 +133,7 @@ def test_model_dtype_auto_on_cuda_runs_the_joint_pass_in_bf16(sft_checkpoint, tm
     cfg = load_config(HDPOConfig, None, [], extra={
         "model.path": sft_checkpoint, "run_dir": str(tmp_path / "h"), "hdpo.distance": "feature",
         "hdpo.min_bucket_size": 3, "hdpo.loss_backend": "torch", "train.progress": False})
-    tr = HDPOTrainer(cfg, pairs=_pairs(12, 11))
+    tr = HDPOTrainer(cfg, pairs=hdpo_pairs(12, 11))
     out, seen = step_under_cuda_autocast(tr, monkeypatch)
     assert len(seen) >= 2 and set(seen) == {(torch.bfloat16, torch.bfloat16)}  # policy + reference
     assert torch.isfinite(out["loss"])
@@ -145,8 +145,9 @@ def test_model_dtype_auto_on_cuda_runs_the_joint_pass_in_bf16(sft_checkpoint, tm
 def test_pairs_that_teach_no_preference_are_dropped_and_counted(sft_checkpoint, tmp_path, caplog):
     import dataclasses
     import logging
+
     from polyfast.errors import ConfigError
-    good = _pairs(6)
+    good = hdpo_pairs(6)
     equal = dataclasses.replace(good[0], rejected=good[0].chosen + "  ")  # equal once stripped
     empty = dataclasses.replace(good[1], rejected=" \n")
     cfg = load_config(HDPOConfig, None, [], extra={
@@ -167,7 +168,7 @@ def test_pairs_that_teach_no_preference_are_dropped_and_counted(sft_checkpoint, 
 def test_prefix_sharing_changes_the_layout_not_the_loss(sft_checkpoint, tmp_path, distance,
                                                         reference):
     import dataclasses
-    base = _pairs(6, 17)
+    base = hdpo_pairs(6, 17)
     # more rejected responses for three prompts: groups of four and three responses
     pairs = (base + [dataclasses.replace(p, rejected=p.rejected.upper()) for p in base[:3]]
              + [dataclasses.replace(p, rejected=p.rejected[:7] + "?") for p in base[:2]])
@@ -214,13 +215,13 @@ def test_a_planted_reference_cache_never_runs_and_is_computed_again(sft_checkpoi
         "model.path": sft_checkpoint, "run_dir": str(tmp_path / "h"), "hdpo.distance": "feature",
         "hdpo.reference": "precomputed", "hdpo.min_bucket_size": 3, "train.progress": False,
         "data.max_tokens": 4096})
-    pairs = _pairs(6, 7)
-    want = HDPOTrainer(cfg, pairs=pairs).tables["train"]
+    pairs = hdpo_pairs(6, 7)
+    want = HDPOTrainer(cfg, pairs=pairs).tables["train"].values
     (cache,) = glob.glob(str(tmp_path / "h" / "ref_logps_*.safetensors"))
     with open(cache, "wb") as f:
         pickle.dump(Payload(), f)
     with caplog.at_level(logging.WARNING, logger="polyfast"):
-        got = HDPOTrainer(cfg, pairs=pairs).tables["train"]
+        got = HDPOTrainer(cfg, pairs=pairs).tables["train"].values
     assert not marker.exists(), "a payload ran"
     assert cache in caplog.text and "computing it again" in caplog.text
     assert torch.equal(got, want)

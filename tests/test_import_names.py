@@ -8,6 +8,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -73,6 +75,7 @@ def test_the_name_goes_to_the_next_kernels_on_the_path(tmp_path):
     assert proc.stdout.strip() == "the other kernels 1"
 
 
+@pytest.mark.slow
 def test_documented_commands_run_from_the_root_and_from_elsewhere(tmp_path):
     shape = ["--shapes", "1024x64x1000"]
     for cwd, module in ((ROOT, "bench.roofline"), (ROOT, "polyfast.bench.roofline"),

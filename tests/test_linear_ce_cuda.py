@@ -3,8 +3,8 @@ sizes, no host syncs. Skipped without a GPU."""
 
 import pytest
 import torch
-
 from polyfast.kernels import linear_ce_gemm, linear_ce_reference, linear_ce_triton
+
 from tests.utils import rel_err
 
 pytestmark = [pytest.mark.cuda,
@@ -87,10 +87,10 @@ def test_large_hidden_size_fp32():
 def test_autocast_takes_fp32_inputs_to_bf16_kernels_and_keeps_a_bf16_head_uncopied(monkeypatch):
     # model.dtype auto: fp32 hidden states and head under bf16 autocast reach the kernels as bf16;
     # a bf16 head (model.dtype bfloat16) reaches them as itself, with no copy
-    import polyfast.kernels.linear_ce as lce
+    from polyfast.kernels import fused_fwd
     seen = []
-    real = lce._launch_fwd
-    monkeypatch.setattr(lce, "_launch_fwd", lambda h, w, *a: seen.append((h.dtype, w)) or real(h, w, *a))
+    real = fused_fwd.launch_fwd
+    monkeypatch.setattr(fused_fwd, "launch_fwd", lambda h, w, *a: seen.append((h.dtype, w)) or real(h, w, *a))
     N, H, V = 2048, 1536, 32000
     hidden = torch.randn(N, H, device="cuda", requires_grad=True)
     weight = (torch.randn(V, H, device="cuda") / H ** 0.5).requires_grad_()

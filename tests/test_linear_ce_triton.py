@@ -7,10 +7,10 @@ Shapes are small and odd: the interpreter is slow.
 
 import pytest
 import torch
-
+from polyfast.kernels import (fused_bwd, gemm, linear_ce_gemm, linear_ce_reference,
+                              linear_ce_triton, linear_cross_entropy)
 from polyfast.kernels import linear_ce as lce
-from polyfast.kernels import (linear_ce_gemm, linear_ce_reference, linear_ce_triton,
-                              linear_cross_entropy)
+
 from tests.utils import assert_close, rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -26,7 +26,7 @@ CASES = [  # N, H, V, softcap, ignore fraction, vocabulary splits
 ]
 
 
-def _inputs(N, H, V, ignore_frac, seed=0):
+def make_inputs(N, H, V, ignore_frac, seed=0):
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(N, H, generator=g, dtype=torch.float64)
     weight = torch.randn(V, H, generator=g, dtype=torch.float64) / H ** 0.5 * 2
@@ -51,24 +51,25 @@ def _run(fn, hidden, weight, targets, w, dtype, reduction, device="cpu", **kw):
     return [t.detach().cpu() for t in (out, h.grad, W.grad)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("N,H,V,softcap,ignore,splits", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("reduction", ["sum", "none"])
 @pytest.mark.parametrize("backend", ["triton", "gemm"])
 def test_fused_backends_match_fp64_reference(N, H, V, softcap, ignore, splits, dtype, reduction,
                                              backend, monkeypatch):
-    hidden, weight, targets, w = _inputs(N, H, V, ignore)
+    hidden, weight, targets, w = make_inputs(N, H, V, ignore)
     # the reference sees the same (rounded) inputs, so only the kernel's own error is measured
     hidden, weight = hidden.to(dtype).double(), weight.to(dtype).double()
     ref = _run(linear_ce_reference, hidden, weight, targets, w, torch.float64, reduction,
                softcap=softcap)
     if backend == "triton":  # filter off: exact; `splits` forward splits and backward slabs
         if splits:
-            monkeypatch.setattr(lce, "bwd_slab_rows", lambda v, h: -(-v // splits))
+            monkeypatch.setattr(fused_bwd, "bwd_slab_rows", lambda v, h: -(-v // splits))
         got = _run(linear_ce_triton, hidden, weight, targets, w, dtype, reduction, DEVICE,
                    softcap=softcap, num_splits=splits, filter_eps=0.0)
     else:  # `splits` (default 3) vocabulary chunks, merged as on a GPU
-        monkeypatch.setattr(lce, "gemm_chunk_cols", lambda n, v: -(-v // (splits or 3)))
+        monkeypatch.setattr(gemm, "gemm_chunk_cols", lambda n, v: -(-v // (splits or 3)))
         got = _run(linear_ce_gemm, hidden, weight, targets, w, dtype, reduction, DEVICE,
                    softcap=softcap)
     for name, a, e in zip(("loss", "d_hidden", "d_weight"), got, ref):
@@ -101,7 +102,7 @@ def test_peaked_distribution_keeps_its_gradient(dtype):
 
 
 def test_frozen_inputs_get_no_gradient_work():
-    hidden, weight, targets, w = _inputs(30, 16, 50, 0.1)
+    hidden, weight, targets, w = make_inputs(30, 16, 50, 0.1)
     h = hidden.float().to(DEVICE).requires_grad_()
     W = weight.float().to(DEVICE)  # frozen head
     linear_ce_triton(h, W, targets.to(DEVICE), w.to(DEVICE)).backward()
@@ -115,7 +116,7 @@ def test_auto_backend_uses_torch_on_cpu_and_the_cost_model_on_cuda(monkeypatch):
     calls = []
     for name in ("triton", "gemm", "torch"):
         monkeypatch.setattr(lce, f"linear_ce_{name}", lambda *a, name=name, **k: calls.append(name) or 0)
-    h, W, y, _ = _inputs(8, 16, 20, 0.0)
+    h, W, y, _ = make_inputs(8, 16, 20, 0.0)
     lce.linear_cross_entropy(h.float(), W.float(), y, backend="auto")
     assert calls == ["torch"]
     if torch.cuda.is_available():
@@ -126,7 +127,7 @@ def test_auto_backend_uses_torch_on_cpu_and_the_cost_model_on_cuda(monkeypatch):
 @pytest.mark.parametrize("backend", ["triton", "gemm", "torch"])
 def test_mixed_dtypes_return_gradients_in_each_inputs_dtype(backend):
     # autocast: 16-bit hidden states, an fp32 head
-    hidden, weight, targets, w = _inputs(20, 16, 40, 0.1)
+    hidden, weight, targets, w = make_inputs(20, 16, 40, 0.1)
     h = hidden.to(torch.float16).to(DEVICE).requires_grad_()
     W = weight.float().to(DEVICE).requires_grad_()
     out = linear_cross_entropy(h, W, targets.to(DEVICE), w.to(DEVICE), backend=backend)
@@ -139,6 +140,7 @@ def test_mixed_dtypes_return_gradients_in_each_inputs_dtype(backend):
 
 
 def test_bucket_sft_loss_on_triton_equals_torch_twin():
+    from polyfast.data.packing import ScoredTokens
     from polyfast.losses import bucket_sft_loss
     g = torch.Generator().manual_seed(3)
     T, H, V = 90, 32, 77
@@ -148,11 +150,15 @@ def test_bucket_sft_loss_on_triton_equals_torch_twin():
     tw = torch.rand(T, generator=g) * (labels[0] != -100)
     hidden = torch.randn(T, H, generator=g)
     weight = torch.randn(V, H, generator=g) / 4
+    t = (labels[0] != -100).nonzero()[:, 0]  # the scored tokens, each predicted by the row before
+    zeros = torch.zeros_like(t)
+    scored = ScoredTokens(rows=t - 1, targets=labels[0, t], weights=tw[t], segments=zeros,
+                          num_segments=1, buckets=zeros).to(DEVICE)
     results = []
     for backend in ("torch", "triton", "gemm"):
         h = hidden.to(DEVICE).requires_grad_()
         W = weight.to(DEVICE).requires_grad_()
-        loss, per_token = bucket_sft_loss(h, W, labels.to(DEVICE), tw.to(DEVICE), 3.0, backend=backend)
+        loss, per_token = bucket_sft_loss(h, W, scored, 3.0, backend=backend)
         loss.backward()
         results.append([t.detach().cpu() for t in (loss, per_token, h.grad, W.grad)])
     for other in results[1:]:
@@ -209,7 +215,7 @@ def test_gradient_filter_keeps_a_peaked_rows_off_target_mass():
 
 
 def test_filter_eps_must_be_a_non_negative_number():
-    hidden, weight, targets, _ = _inputs(8, 16, 20, 0.0)
+    hidden, weight, targets, _ = make_inputs(8, 16, 20, 0.0)
     for bad in (-1e-3, float("nan")):
         with pytest.raises(ValueError, match="filter_eps"):
             linear_ce_triton(hidden.float().to(DEVICE), weight.float().to(DEVICE),

@@ -7,10 +7,10 @@ The Triton kernels run under TRITON_INTERPRET=1 on a CPU (set by conftest), so s
 
 import pytest
 import torch
+from polyfast.kernels import (checks, fused_fwd, gemm, joint_logprobs, linear_cross_entropy,
+                              torch_twin)
 
-from polyfast.kernels import joint_logprobs, linear_cross_entropy
-from polyfast.kernels import linear_ce as lce
-from tests.test_linear_ce_triton import _inputs
+from tests.test_linear_ce_triton import make_inputs
 from tests.utils import assert_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -21,7 +21,7 @@ TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
 
 def _data(N=37, H=24, V=61, seed=0, ignore=0.3):
     # float64 hidden and head, targets with a share ignored, fp32 token weights (a fifth of them 0)
-    return _inputs(N, H, V, ignore, seed)
+    return make_inputs(N, H, V, ignore, seed)
 
 
 def _ce(backend, hidden, weight, targets, w, dtype, softcap=None, grad_w=False, reduction="sum"):
@@ -189,19 +189,19 @@ def test_token_weights_are_differentiable(backend, reduction):
 def test_compute_dtype_rules():
     f32 = torch.zeros(2, 2)
     bf, half, f64 = f32.bfloat16(), f32.half(), f32.double()
-    assert lce.compute_dtype(f32, f32) == torch.float32
-    assert lce.compute_dtype(bf, f32) == torch.bfloat16   # the 16-bit side of a mix
-    assert lce.compute_dtype(f32, half) == torch.float16
-    assert lce.compute_dtype(f64, f64) == torch.float64
+    assert checks.compute_dtype(f32, f32) == torch.float32
+    assert checks.compute_dtype(bf, f32) == torch.bfloat16   # the 16-bit side of a mix
+    assert checks.compute_dtype(f32, half) == torch.float16
+    assert checks.compute_dtype(f64, f64) == torch.float64
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert lce.compute_dtype(f32, f32) == torch.bfloat16
-        assert lce.compute_dtype(f64, f64) == torch.float64  # autocast leaves fp64 alone
+        assert checks.compute_dtype(f32, f32) == torch.bfloat16
+        assert checks.compute_dtype(f64, f64) == torch.float64  # autocast leaves fp64 alone
     with pytest.raises(ValueError, match="bfloat16 and float16"):
-        lce.compute_dtype(bf, half)
+        checks.compute_dtype(bf, half)
     with pytest.raises(ValueError, match="float64"):
-        lce.compute_dtype(f64, f32)
+        checks.compute_dtype(f64, f32)
     with pytest.raises(ValueError, match="floating point"):
-        lce.compute_dtype(f32, torch.zeros(2, 2, dtype=torch.long))
+        checks.compute_dtype(f32, torch.zeros(2, 2, dtype=torch.long))
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton", "gemm"])
@@ -210,13 +210,13 @@ def test_autocast_runs_the_head_in_its_dtype(backend, monkeypatch):
     # autocast dtype; the gradients come back fp32 and close to the oracle's
     seen = []
     if backend == "torch":
-        real = lce._chunk_logits
-        monkeypatch.setattr(lce, "_chunk_logits", lambda h, w, c: seen.append((h.dtype, w.dtype))
+        real = torch_twin.chunk_logits
+        monkeypatch.setattr(torch_twin, "chunk_logits", lambda h, w, c: seen.append((h.dtype, w.dtype))
                             or real(h, w, c))
     else:
-        name = "_launch_fwd" if backend == "triton" else "_gemm_fwd"
-        real = getattr(lce, name)
-        monkeypatch.setattr(lce, name, lambda h, w, *a: seen.append((h.dtype, w.dtype))
+        module, name = (fused_fwd, "launch_fwd") if backend == "triton" else (gemm, "forward")
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda h, w, *a: seen.append((h.dtype, w.dtype))
                             or real(h, w, *a))
     hidden, weight, targets, w = _data(seed=9)
     hidden, weight = hidden.half().double(), weight.half().double()

@@ -8,8 +8,8 @@ from polyfast.config import ModelConfig, TinyModelConfig
 from polyfast.data import byte_tokenizer
 from polyfast.errors import ConfigError
 from polyfast.model import load_model, use_liger_modules
-from tests.test_packed_model import _gemma2
-from tests.test_sft import _trainer, _grads
+from tests.test_packed_model import gemma2_model
+from tests.test_sft import param_grads, sft_trainer
 
 
 def _tiny(arch="llama", **over):
@@ -21,7 +21,7 @@ def _tiny(arch="llama", **over):
 def test_liger_swaps_norms_and_mlps_and_keeps_every_parameter(arch):
     from liger_kernel.transformers import LigerGEGLUMLP, LigerRMSNorm, LigerSwiGLUMLP
     tok = byte_tokenizer()
-    model = _gemma2(tok) if arch == "gemma2" else load_model(_tiny(arch), tok)
+    model = gemma2_model(tok) if arch == "gemma2" else load_model(_tiny(arch), tok)
     before = dict(model.named_parameters())
     norms = sum(type(m).__name__.endswith("RMSNorm") for m in model.modules())
     counts = use_liger_modules(model)
@@ -43,16 +43,17 @@ def test_liger_needs_cuda():
         load_model(_tiny(liger=True), byte_tokenizer(), device=torch.device("cpu"))
 
 
+@pytest.mark.slow
 def test_compiled_decoder_layers_give_the_eager_loss_and_gradients(tmp_path):
-    eager = _trainer(tmp_path / "e")
-    compiled = _trainer(tmp_path / "c", **{"model.compile": True})
+    eager = sft_trainer(tmp_path / "e")
+    compiled = sft_trainer(tmp_path / "c", **{"model.compile": True})
     assert all(hasattr(layer, "_compiled_call_impl") and layer._compiled_call_impl is not None
                for layer in compiled.model.model.layers)
     losses, grads = [], []
     for tr in (eager, compiled):
         out = tr.forward_backward([eager.step_packs(0)[0]])
         losses.append(out["loss"])
-        grads.append(_grads(tr))
+        grads.append(param_grads(tr))
     assert losses[1] == pytest.approx(losses[0].item(), rel=1e-5)
     assert (grads[1] - grads[0]).abs().max() <= 1e-5 * grads[0].abs().max()
 

@@ -9,7 +9,7 @@ from polyfast.data import byte_tokenizer, collate, demo_records, encode_records
 from polyfast.model import hidden_states, load_model, set_packed
 
 
-def _gemma2(tok):
+def gemma2_model(tok):
     from transformers import AutoModelForCausalLM, Gemma2Config
     cfg = Gemma2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=24,
@@ -23,7 +23,7 @@ def _gemma2(tok):
 def test_packed_forward_equals_per_example_forward(arch):
     tok = byte_tokenizer()
     if arch == "gemma2":
-        model = _gemma2(tok)
+        model = gemma2_model(tok)
     else:
         model = load_model(ModelConfig(tiny=TinyModelConfig(arch=arch, hidden_size=64, num_layers=2,
                                                             num_heads=4, num_kv_heads=2,
@@ -76,13 +76,13 @@ def test_varlen_kernels_only_get_inputs_they_take():
 
 def test_zero_padding_the_head_dim_leaves_attention_unchanged():
     # what the CUDA path does for head dims that are not multiples of 8, checked with SDPA
-    from polyfast.attention import _pad_head_dim
+    from polyfast.attention import pad_head_dim
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 3, 9, 12, generator=g, dtype=torch.float64) for _ in range(3))
     scale = 12 ** -0.5
     plain = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    qp, kp, vp = (_pad_head_dim(t) for t in (q, k, v))
-    assert qp.shape[-1] == 16 and _pad_head_dim(qp) is qp
+    qp, kp, vp = (pad_head_dim(t) for t in (q, k, v))
+    assert qp.shape[-1] == 16 and pad_head_dim(qp) is qp
     padded = torch.nn.functional.scaled_dot_product_attention(qp, kp, vp, is_causal=True,
                                                               scale=scale)
     assert (padded[..., 12:] == 0).all()

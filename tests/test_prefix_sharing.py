@@ -5,15 +5,15 @@ import dataclasses
 
 import pytest
 import torch
+from polyfast.kernels import joint_logprobs
 
 from polyfast.config import ModelConfig, TinyModelConfig
 from polyfast.data import byte_tokenizer, demo_records, make_pairs
 from polyfast.data.groups import GroupExample, collate_groups, encode_groups, pack_groups
 from polyfast.data.pairs import PreferencePair
-from polyfast.kernels import joint_logprobs
 from polyfast.losses import hdpo_loss
 from polyfast.model import head_weight, hidden_states, load_model, logit_softcap
-from tests.test_packed_model import _gemma2
+from tests.test_packed_model import gemma2_model
 from tests.utils import assert_close
 
 
@@ -21,7 +21,7 @@ def _ids(gen, n):
     return tuple(torch.randint(0, 256, (n,), generator=gen).tolist())
 
 
-def _groups():
+def make_groups():
     """Odd shapes: a one-token prompt, one-token responses, a group of three responses with two
     pairs sharing the chosen side, and a prompt longer than Gemma-2's sliding window (24)."""
     g = torch.Generator().manual_seed(1)
@@ -31,15 +31,15 @@ def _groups():
             GroupExample(_ids(g, 1), (_ids(g, 3), _ids(g, 4)), ((3, 1, 0),), "b")]
 
 
-def _model(arch, tok):
+def tiny_model(arch, tok):
     if arch == "gemma2":
-        return _gemma2(tok)
+        return gemma2_model(tok)
     return load_model(ModelConfig(tiny=TinyModelConfig(arch=arch, hidden_size=48, num_layers=2,
                                                        num_heads=4, num_kv_heads=2,
                                                        intermediate_size=96)), tok)
 
 
-def _loss_and_grads(model, pack):
+def loss_and_grads(model, pack):
     """Per-response log-prob sums and the gradients of an HDPO loss over the pack's pairs."""
     batch, sc = collate_groups(pack, ["b"])
     model.zero_grad()
@@ -59,11 +59,11 @@ def _loss_and_grads(model, pack):
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2"])
 def test_shared_prefix_gives_the_unshared_logprobs_and_gradients(arch):
     tok = byte_tokenizer()
-    model = _model(arch, tok)
+    model = tiny_model(arch, tok)
     torch.manual_seed(0)
-    shared = _loss_and_grads(model, _groups())
+    shared = loss_and_grads(model, make_groups())
     torch.manual_seed(0)  # the same random distances
-    unshared = _loss_and_grads(model, [dataclasses.replace(g, shared=False) for g in _groups()])
+    unshared = loss_and_grads(model, [dataclasses.replace(g, shared=False) for g in make_groups()])
     assert shared[3].kv_index is not None and unshared[3].kv_index is None
     assert shared[3].num_tokens == 90 and unshared[3].num_tokens == 158
     assert torch.equal(shared[1], unshared[1])
@@ -73,7 +73,7 @@ def test_shared_prefix_gives_the_unshared_logprobs_and_gradients(arch):
     model.set_attn_implementation("eager" if arch == "gemma2" else "sdpa")
     expected = []
     with torch.no_grad():
-        for g in _groups():
+        for g in make_groups():
             for resp in g.responses:
                 ids = torch.tensor([g.prompt + resp])
                 logits = (model.model(input_ids=ids).last_hidden_state[0].double()

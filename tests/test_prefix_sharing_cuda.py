@@ -9,7 +9,7 @@ import torch
 
 from polyfast import attention
 from polyfast.data import byte_tokenizer
-from tests.test_prefix_sharing import _groups, _loss_and_grads, _model
+from tests.test_prefix_sharing import loss_and_grads, make_groups, tiny_model
 from tests.utils import rel_err
 
 pytestmark = [pytest.mark.cuda,
@@ -19,16 +19,16 @@ pytestmark = [pytest.mark.cuda,
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_shared_prefix_on_the_varlen_kernels_in_bf16(arch, monkeypatch):
     calls = []
-    real = attention._cuda_varlen
-    monkeypatch.setattr(attention, "_cuda_varlen",
+    real = attention.cuda_varlen
+    monkeypatch.setattr(attention, "cuda_varlen",
                         lambda *a, **k: calls.append(not torch.equal(a[3], a[4])) or real(*a, **k))
-    model = _model(arch, byte_tokenizer()).cuda()
+    model = tiny_model(arch, byte_tokenizer()).cuda()
 
     def run(shared, dtype):
-        pack = [dataclasses.replace(g, shared=shared) for g in _groups()]
+        pack = [dataclasses.replace(g, shared=shared) for g in make_groups()]
         torch.manual_seed(0)  # the same random distances in every run
         with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
-            sums, _, grads, _ = _loss_and_grads(model, pack)
+            sums, _, grads, _ = loss_and_grads(model, pack)
         return sums, grads
 
     ref = run(False, torch.float32)  # fp32: the per-example loop (the kernels take 16-bit only)

@@ -10,7 +10,7 @@ import pickle
 
 import pytest
 import torch
-from test_sft import _data
+from test_sft import sft_data
 
 from polyfast.cli import main
 from polyfast.config import HDPOConfig, SFTConfig, load_config
@@ -28,7 +28,7 @@ TINY = {"model.tiny.hidden_size": 32, "model.tiny.num_layers": 1, "model.tiny.nu
 def _trainer(run_dir, **over):
     tok = byte_tokenizer()
     cfg = load_config(SFTConfig, None, [], extra={**TINY, "run_dir": str(run_dir), **over})
-    return SFTTrainer(cfg, data=_data(tok), tokenizer=tok)
+    return SFTTrainer(cfg, data=sft_data(tok), tokenizer=tok)
 
 
 def _rows(run_dir, event=None):
@@ -229,7 +229,7 @@ def test_planted_pickle_payloads_are_never_executed(run_with_checkpoints, tmp_pa
     model_sd, optim_sd = get_state_dict(tr.runner, tr.optimizer)
     optim_sd["param_groups"][0]["lr"] = _Payload(marker)
     evil = os.path.join(run_dir, "checkpoints", "step_000006")
-    with ckpt_mod._single_process_quiet():
+    with ckpt_mod.single_process_quiet():
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=evil, no_dist=True)
     for name in ("trainer_state.json", "train_state.json"):
         with open(os.path.join(latest, name)) as src, open(os.path.join(evil, name), "w") as dst:
@@ -425,6 +425,7 @@ def test_non_finite_parameters_are_never_checkpointed_or_exported(tmp_path):
 
 def test_an_export_into_a_directory_that_does_not_exist_yet_creates_it(tmp_path):
     from transformers import AutoModelForCausalLM
+
     from polyfast.config import TinyModelConfig
     from polyfast.model import tiny_config
     tok = byte_tokenizer()
@@ -437,7 +438,7 @@ def test_an_export_into_a_directory_that_does_not_exist_yet_creates_it(tmp_path)
 
 def test_too_little_free_space_is_refused_before_writing(tmp_path, monkeypatch):
     tr = _trainer(tmp_path / "run", **{"train.max_steps": 2})
-    monkeypatch.setattr(ckpt_mod, "_free_bytes", lambda path: 1000)
+    monkeypatch.setattr(ckpt_mod, "free_bytes", lambda path: 1000)
     with pytest.raises(RunError) as e:
         tr.save()
     msg = str(e.value)
@@ -519,8 +520,8 @@ def test_the_space_check_estimates_a_checkpoint_within_a_quarter(tmp_path, monke
                                        "model.tiny.intermediate_size": 2 * hidden})
     tr.train_step(tr.step_packs(0))  # AdamW's moments exist from the first step on
     asked = []
-    real_on_disk = ckpt_mod._on_disk
-    monkeypatch.setattr(ckpt_mod, "_on_disk",
+    real_on_disk = ckpt_mod.on_disk
+    monkeypatch.setattr(ckpt_mod, "on_disk",
                         lambda sizes, block: asked.append(real_on_disk(sizes, block)) or asked[-1])
     path = tr.save()
     occupied = _occupied(path)
@@ -532,9 +533,9 @@ def test_the_space_check_estimates_a_checkpoint_within_a_quarter(tmp_path, monke
 
     # a disk with room for one more checkpoint and a half is not refused; one without is
     tr.step = 2
-    monkeypatch.setattr(ckpt_mod, "_free_bytes", lambda p: int(1.5 * occupied))
+    monkeypatch.setattr(ckpt_mod, "free_bytes", lambda p: int(1.5 * occupied))
     tr.save()
     tr.step = 3
-    monkeypatch.setattr(ckpt_mod, "_free_bytes", lambda p: int(0.9 * occupied))
+    monkeypatch.setattr(ckpt_mod, "free_bytes", lambda p: int(0.9 * occupied))
     with pytest.raises(RunError, match="disk full: checkpoint step 3"):
         tr.save()

@@ -13,6 +13,8 @@ import time
 import pytest
 import yaml
 
+pytestmark = pytest.mark.slow  # subprocess runs of the CLI, killed and resumed
+
 TINY = {"model": {"tiny": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1,
                            "intermediate_size": 64}},
         "data": {"train": "demo", "val": None, "max_tokens": 1024},
@@ -153,7 +155,7 @@ def test_a_full_disk_during_a_checkpoint_write_says_so_and_keeps_the_previous_on
     inner = textwrap.dedent(f"""
         import json, os, sys
         import polyfast.train.checkpoint as ck
-        ck._free_bytes = lambda path: 1 << 50  # skip the up-front check: the write itself must fail
+        ck.free_bytes = lambda path: 1 << 50  # skip the up-front check: the write itself must fail
         from polyfast.cli import main
         rc = main(["sft", {cfg!r}])
         root = os.path.join({str(run)!r}, "checkpoints")

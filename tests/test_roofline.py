@@ -1,12 +1,12 @@
-"""The loss head's cost model (linear_ce.predict, bench.roofline): the numbers follow from the
+"""The loss head's cost model (kernels/cost_model.py, bench.roofline): the numbers follow from the
 design, and the backend "auto" picks at the Cut Cross-Entropy comparison shape fits its targets."""
 
 import re
 
 import pytest
-from polyfast.kernels import linear_ce as lce
-
 from polyfast.bench import roofline
+from polyfast.kernels import cost_model as lce
+from polyfast.kernels.configs import CONFIGS
 
 CCE = (16384, 2048, 248320)
 
@@ -29,7 +29,7 @@ def test_fused_kernel_prediction_follows_its_filter_rate():
     N, H, V = CCE
     none_filtered = lce.predict("triton", N, H, V, pass_fraction=1.0)
     all_filtered = lce.predict("triton", N, H, V, pass_fraction=0.0)
-    bn, bv = lce._CONFIGS["hopper"]["bwd16"][:2]
+    bn, bv = CONFIGS["hopper"]["bwd16"][:2]
     assert none_filtered["atomic_bytes"] == pytest.approx(4 * N * H * V * (1 / bn + 1 / bv))
     assert all_filtered["atomic_bytes"] == 0
     assert all_filtered["flops"] == 4 * N * H * V  # the two logit sweeps only

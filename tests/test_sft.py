@@ -1,4 +1,4 @@
-"""Bucket-Aware SFT: the step loss is METHOD.md section 2 whatever the micro-batching; resume is exact;
+"""Bucket-Aware SFT: the step loss is docs/method.md section 2 whatever the micro-batching; resume is exact;
 the export loads in transformers."""
 
 import json
@@ -6,12 +6,12 @@ import os
 
 import pytest
 import torch
+from polyfast.kernels import linear_ce_reference
 
 from polyfast.config import SFTConfig, load_config
 from polyfast.data import bucket_weights, byte_tokenizer, demo_records, encode_records
 from polyfast.data.tokenize import fit_length
 from polyfast.errors import Interrupted
-from polyfast.kernels import linear_ce_reference
 from polyfast.model import head_weight, set_packed
 from polyfast.train.sft import PreparedData, SFTTrainer
 
@@ -20,7 +20,7 @@ TINY = {"model.tiny.hidden_size": 48, "model.tiny.num_layers": 2, "model.tiny.nu
         "train.progress": False, "train.lr": 1e-3}
 
 
-def _data(tok, n=30, max_tokens=1024):
+def sft_data(tok, n=30, max_tokens=1024):
     by_bucket = {}
     for r in demo_records("train"):
         if r.length_bin in ("short", "medium"):
@@ -36,16 +36,16 @@ def _data(tok, n=30, max_tokens=1024):
     return PreparedData(exs, val, weights, names)
 
 
-def _trainer(tmp_path, packing="bucket", weighting="bucket", **over):
+def sft_trainer(tmp_path, packing="bucket", weighting="bucket", **over):
     tok = byte_tokenizer()
     extra = {**TINY, "run_dir": str(tmp_path / "run"), "data.packing": packing,
              "data.weighting": weighting, "data.max_tokens": 1024, **over}
     cfg = load_config(SFTConfig, None, [], extra=extra)
-    return SFTTrainer(cfg, data=_data(tok), tokenizer=tok)
+    return SFTTrainer(cfg, data=sft_data(tok), tokenizer=tok)
 
 
 def _method_loss(trainer, examples):
-    """METHOD.md section 2 directly: per-example forward (no packing), full logits in float64."""
+    """docs/method.md section 2 directly: per-example forward (no packing), full logits in float64."""
     model = trainer.model
     set_packed(model, False)
     W = head_weight(model)
@@ -61,13 +61,13 @@ def _method_loss(trainer, examples):
     return num / den
 
 
-def _grads(trainer):
+def param_grads(trainer):
     return torch.cat([p.grad.flatten() for p in trainer.model.parameters() if p.grad is not None])
 
 
 @pytest.mark.parametrize("packing", ["bucket", "mixed", "none"])
 def test_step_loss_is_the_method_formula_for_any_micro_batching(tmp_path, packing):
-    tr = _trainer(tmp_path, packing)
+    tr = sft_trainer(tmp_path, packing)
     exs = tr.data.train
     expected = _method_loss(tr, exs)
     results = []
@@ -82,7 +82,7 @@ def test_step_loss_is_the_method_formula_for_any_micro_batching(tmp_path, packin
             assert max(map(len, packs)) >= 3
         tr.model.zero_grad(set_to_none=True)
         out = tr.forward_backward(packs)
-        results.append((out["loss"].item(), _grads(tr)))
+        results.append((out["loss"].item(), param_grads(tr)))
     for loss, _ in results:
         assert loss == pytest.approx(expected.item(), rel=1e-5)
     g1, g4 = results[0][1], results[1][1]
@@ -90,8 +90,8 @@ def test_step_loss_is_the_method_formula_for_any_micro_batching(tmp_path, packin
 
 
 def test_bucket_weights_change_the_loss(tmp_path):
-    a = _trainer(tmp_path, weighting="bucket")
-    b = _trainer(tmp_path, weighting="example")
+    a = sft_trainer(tmp_path, weighting="bucket")
+    b = sft_trainer(tmp_path, weighting="example")
     packs = [[e] for e in a.data.train]
     la, lb = a.forward_backward(packs)["loss"].item(), b.forward_backward(packs)["loss"].item()
     assert abs(la - lb) > 1e-4  # same model init (seeded), different weighting
@@ -105,12 +105,12 @@ def _losses(run_dir):
 
 def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path):
     over = {"train.max_steps": 6, "train.log_every": 1, "train.save_every": 3, "train.warmup_ratio": 0.3}
-    full = _trainer(tmp_path / "a", **over)
+    full = sft_trainer(tmp_path / "a", **over)
     full.fit()
     expected = _losses(full.cfg.run_dir)
     assert sorted(expected) == [1, 2, 3, 4, 5, 6]
 
-    first = _trainer(tmp_path / "b", **over)
+    first = sft_trainer(tmp_path / "b", **over)
     real_step = first.train_step
 
     def crash_after_three(packs):
@@ -124,9 +124,11 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path):
     ckpts = os.listdir(os.path.join(first.cfg.run_dir, "checkpoints"))
     assert ckpts == ["step_000003"]  # written atomically: no temporary left behind
 
-    resumed = _trainer(tmp_path / "b", **over, **{"train.resume": True})
+    resumed = sft_trainer(tmp_path / "b", **over, **{"train.resume": True})
     assert resumed.resume() and resumed.step == 3
-    from transformers import AutoModelForCausalLM  # the checkpoint's hf/ holds the same model
+    from transformers import (
+        AutoModelForCausalLM,  # the checkpoint's hf/ holds the same model
+    )
     hf = AutoModelForCausalLM.from_pretrained(os.path.join(first.cfg.run_dir, "checkpoints",
                                                            "step_000003", "hf"))
     for (name, p), q in zip(resumed.model.state_dict().items(), hf.state_dict().values()):
@@ -142,7 +144,7 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path):
 
 def test_fit_exports_a_model_transformers_loads(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    tr = _trainer(tmp_path, **{"train.max_steps": 6, "train.lr": 3e-3})
+    tr = sft_trainer(tmp_path, **{"train.max_steps": 6, "train.lr": 3e-3})
     result = tr.fit()
     export = result["summary"]["export"]
     assert os.path.exists(os.path.join(tmp_path, "run", "config.yaml"))
@@ -159,13 +161,13 @@ def test_fit_exports_a_model_transformers_loads(tmp_path):
 
 
 def test_activation_checkpointing_gives_the_same_gradients(tmp_path):
-    plain = _trainer(tmp_path / "p")
-    ckpt = _trainer(tmp_path / "c", **{"model.activation_checkpointing": True})
+    plain = sft_trainer(tmp_path / "p")
+    ckpt = sft_trainer(tmp_path / "c", **{"model.activation_checkpointing": True})
     ga, gb = [], []
     for tr, out in ((plain, ga), (ckpt, gb)):
         tr.model.zero_grad(set_to_none=True)
         tr.forward_backward([tr.data.train[:3]])
-        out.append(_grads(tr))
+        out.append(param_grads(tr))
     assert (ga[0] - gb[0]).abs().max() <= 1e-6 * ga[0].abs().max()
 
 
@@ -180,7 +182,7 @@ def test_model_dtype_auto_on_cuda_runs_the_loss_head_in_bf16(tmp_path, monkeypat
     assert autocast_dtype(ModelConfig(), torch.device("cuda")) == torch.bfloat16
     assert autocast_dtype(ModelConfig(), torch.device("cpu")) is None
     assert autocast_dtype(ModelConfig(dtype="float32"), torch.device("cuda")) is None
-    tr = _trainer(tmp_path, **{"train.loss_backend": "torch"})
+    tr = sft_trainer(tmp_path, **{"train.loss_backend": "torch"})
     out, seen = step_under_cuda_autocast(tr, monkeypatch)
     assert seen and set(seen) == {(torch.bfloat16, torch.bfloat16)}
     assert torch.isfinite(out["loss"])

@@ -119,3 +119,22 @@ def test_padded_batch_format(tok):
     assert b.token_weights[b.attention_mask.flatten() == 1].tolist() == flat.token_weights.tolist()
     assert (b.input_ids[b.attention_mask == 0] == tok.pad_token_id).all()
     assert packing_efficiency([pack], 1024, "none") == pytest.approx(b.num_tokens / (3 * L))
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["packed", "padded"])
+def test_scored_tokens_are_the_shifted_labels_of_the_layout(tok, padded):
+    # what the loss head reads: each response token with the row before it (of the packed
+    # stream, or of the flattened padded rows), its weight, example and bucket
+    exs = _examples(tok)[:3]
+    names = sorted({e.bucket for e in exs})
+    (pack,) = pack_examples(exs, 1024, "none", batch_size=3)
+    b = collate(pack, names, padded=padded, pad_id=tok.pad_token_id)
+    sc = b.scored
+    labels, ids = b.labels.reshape(-1), b.input_ids.reshape(-1)
+    want = (labels != -100).nonzero()[:, 0]  # the response tokens in the layout
+    assert sc.rows.tolist() == (want - 1).tolist()
+    assert sc.targets.tolist() == labels[want].tolist() == ids[sc.rows + 1].tolist()
+    assert sc.weights.tolist() == b.token_weights[want].tolist()
+    assert sc.buckets.tolist() == b.bucket_ids[want].tolist()
+    assert sc.num_segments == len(pack)
+    assert sc.segments.tolist() == [i for i, ex in enumerate(pack) for _ in range(ex.n_response)]

@@ -26,13 +26,14 @@ def step_under_cuda_autocast(trainer, monkeypatch):
     """One forward_backward of ``trainer``'s first pack on this CPU, under the autocast dtype its
     config gets on CUDA; returns (the output, the (hidden, head) dtypes that reached the loss
     head's matmuls in the torch twin)."""
-    from polyfast.kernels import linear_ce as lce
+    from polyfast.kernels import torch_twin
+
     from polyfast.model import autocast_dtype
     dtype = autocast_dtype(trainer.cfg.model, torch.device("cuda"))
     trainer.autocast = lambda: torch.autocast("cpu", dtype=dtype)
     seen = []
-    real = lce._chunk_logits
-    monkeypatch.setattr(lce, "_chunk_logits",
+    real = torch_twin.chunk_logits
+    monkeypatch.setattr(torch_twin, "chunk_logits",
                         lambda h, w, c: seen.append((h.dtype, w.dtype)) or real(h, w, c))
     out = trainer.forward_backward(trainer.step_packs(0)[:1])
     return out, seen

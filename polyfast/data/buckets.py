@@ -1,4 +1,4 @@
-"""Bucket weights of Bucket-Aware SFT (METHOD.md section 2), computed over the TRAIN split."""
+"""Bucket weights of Bucket-Aware SFT (docs/method.md section 2), computed over the TRAIN split."""
 
 from __future__ import annotations
 

@@ -46,7 +46,7 @@ from typing import Sequence
 
 import torch
 
-from .packing import IGNORE_INDEX, Batch, _first_fit_decreasing, to_device
+from .packing import IGNORE_INDEX, Batch, ScoredTokens, first_fit_decreasing
 from .pairs import PreferencePair
 from .tokenize import encode_record
 
@@ -157,29 +157,22 @@ def pack_groups(groups: Sequence[GroupExample], max_tokens: int, seed: int | Non
     for g in groups:
         by_key.setdefault(g.bucket if packing == "bucket" else "", []).append(g)
     packs = [p for key in sorted(by_key)
-             for p in _first_fit_decreasing(by_key[key], max_tokens, tie=lambda g: g.index)]
+             for p in first_fit_decreasing(by_key[key], max_tokens, tie=lambda g: g.index)]
     if seed is not None:
         random.Random(seed).shuffle(packs)
     return packs
 
 
 @dataclass
-class Scoring:
-    """What the loss reads of a group pack: per scored token, the hidden row that predicts it, its
-    target and its response's segment; per pair, the segments of its two sides."""
+class Scoring(ScoredTokens):
+    """What the loss reads of a group pack: the scored tokens (``ScoredTokens``: segments are the
+    pack's responses, weights 1) and, per pair, the segments of its two sides."""
 
-    rows: torch.Tensor          # (N,) int64 rows of the batch's (T, H) hidden states
-    targets: torch.Tensor       # (N,) int64
-    segments: torch.Tensor      # (N,) int64 response index in the pack
-    num_segments: int
-    chosen: torch.Tensor        # (P,) int64 segment of each pair's chosen side
-    rejected: torch.Tensor      # (P,) int64 segment of each pair's rejected side
-    pair_index: list[int]       # (P,) the pairs' indices (host)
+    chosen: torch.Tensor = None     # (P,) int64 segment of each pair's chosen side
+    rejected: torch.Tensor = None   # (P,) int64 segment of each pair's rejected side
+    pair_index: list[int] = None    # (P,) the pairs' indices (host)
 
-    def to(self, device) -> "Scoring":
-        moved = {k: to_device(getattr(self, k), device)
-                 for k in ("rows", "targets", "segments", "chosen", "rejected")}
-        return Scoring(num_segments=self.num_segments, pair_index=self.pair_index, **moved)
+    TENSORS = (*ScoredTokens.TENSORS, "chosen", "rejected")
 
 
 def collate_groups(pack: Sequence[GroupExample], bucket_names: Sequence[str]
@@ -241,18 +234,20 @@ def collate_groups(pack: Sequence[GroupExample], bucket_names: Sequence[str]
     n_resp = torch.tensor([len(r) for g in pack for r in g.responses])
     token_weights = torch.zeros(len(ids_t))
     token_weights[response] = torch.repeat_interleave(1.0 / n_resp.float(), n_resp)  # 1 / R_j
+    scoring = Scoring(rows=torch.cat(rows), targets=labels[response],
+                      weights=torch.ones(int(response.sum())),
+                      segments=torch.repeat_interleave(torch.arange(n_seg), n_resp),
+                      num_segments=n_seg, buckets=torch.cat(bucket)[response],
+                      chosen=torch.tensor(chosen),
+                      rejected=torch.tensor(rejected), pair_index=pair_index)
     batch = Batch(input_ids=ids_t[None], position_ids=torch.cat(pos)[None], labels=labels[None],
                   token_weights=token_weights, bucket_ids=torch.cat(bucket),
                   bucket_names=list(bucket_names), mass=float(len(pair_index)),
                   num_examples=len(q_lens), num_tokens=len(ids_t), cu_seqlens=_offsets(q_lens),
-                  max_seqlen=max(q_lens))
+                  max_seqlen=max(q_lens), scored=scoring)
     if sharing:
         batch.kv_index, batch.cu_seqlens_k = torch.cat(k_index), _offsets(k_lens)
         batch.max_seqlen_k = max(k_lens)
-    scoring = Scoring(rows=torch.cat(rows), targets=labels[response],
-                      segments=torch.repeat_interleave(torch.arange(n_seg), n_resp),
-                      num_segments=n_seg, chosen=torch.tensor(chosen),
-                      rejected=torch.tensor(rejected), pair_index=pair_index)
     return batch, scoring
 
 

@@ -1,4 +1,4 @@
-"""Packing: examples -> packs -> batches in the one batch format of DESIGN.md.
+"""Packing: examples -> packs -> batches, in the one batch format polyfast uses everywhere.
 
 A pack is a list of whole examples laid end to end in one row of at most ``max_tokens`` tokens:
 
@@ -14,31 +14,37 @@ Preference groups (HDPO, ``data.groups``) use the same batch, and where a prompt
 several responses add ``kv_index`` (T_k,) with ``cu_seqlens_k`` / ``max_seqlen_k``: the keys each
 query segment attends to, gathered from the stream.
 
-Token weights make the step loss of METHOD.md section 2 independent of how examples are grouped:
-each response token of example i gets ``omega = m_i / T_i`` (m_i its mass: w_b for bucket
+What the loss head reads of a batch is its :class:`ScoredTokens`: per scored token, the row of the
+(T, H) hidden stream that predicts it (the row of the token before it), its target, its weight and
+its segment. The trainers gather those rows before the head, so no prompt row reaches a kernel.
+
+Token weights make the step loss of docs/method.md section 2 independent of how examples are
+grouped: each response token of example i gets ``omega = m_i / T_i`` (m_i its mass: w_b for bucket
 weighting, 1 for example weighting; token weighting uses omega = 1, m_i = T_i). A micro-batch then
-contributes ``sum_t omega_t * CE_t`` and the step divides by the sum of m_i over its examples.
+contributes ``sum_t omega_t * CE_t`` and the step divides by the sum of m_i over its examples
+(``polyfast.losses`` states the whole loss).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
+from ..kernels.checks import IGNORE_INDEX
 from .tokenize import Example
 
 PACKINGS = ("bucket", "mixed", "none")
 WEIGHTINGS = ("bucket", "example", "token")
-IGNORE_INDEX = -100
 # the keyword that carries a batch's key gather index from ``model.model(...)`` to the attention
 # function (transformers forwards unknown keywords to it untouched)
 KV_INDEX = "polyfast_kv_index"
 
 
-def _first_fit_decreasing(items: Sequence, capacity: int, tie=lambda e: e.record_id) -> list[list]:
+def first_fit_decreasing(items: Sequence, capacity: int, tie=lambda e: e.record_id) -> list[list]:
     """Bins of at most ``capacity`` tokens, longest items first (ties broken by ``tie``); items
     are examples or pairs (anything with a length and a record_id)."""
     order = sorted(items, key=lambda e: (-len(e), tie(e)))
@@ -75,12 +81,13 @@ def pack_examples(examples: Sequence[Example], max_tokens: int, packing: str = "
         packs = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
         return packs
     if packing == "mixed":
-        packs = _first_fit_decreasing(examples, max_tokens)
+        packs = first_fit_decreasing(examples, max_tokens)
     else:
         by_bucket: dict[str, list[Example]] = {}
         for ex in examples:
             by_bucket.setdefault(ex.bucket, []).append(ex)
-        packs = [p for b in sorted(by_bucket) for p in _first_fit_decreasing(by_bucket[b], max_tokens)]
+        packs = [p for b in sorted(by_bucket)
+                 for p in first_fit_decreasing(by_bucket[b], max_tokens)]
     if seed is not None:
         random.Random(seed).shuffle(packs)
     return packs
@@ -106,10 +113,34 @@ def example_mass(ex: Example, weighting: str = "bucket") -> float:
     raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
 
 
-def _token_weight(ex: Example, weighting: str) -> float:
+def token_weight(ex: Example, weighting: str) -> float:
+    """omega_i = m_i / T_i, the weight of each of example i's response tokens (1 for token
+    weighting)."""
     if weighting == "token":
         return 1.0
     return example_mass(ex, weighting) / max(ex.n_response, 1)
+
+
+@dataclass
+class ScoredTokens:
+    """The loss head's input, built with the batch: per scored token (N of them, in stream
+    order), the hidden row that predicts it, its target, weight, segment and bucket."""
+
+    rows: torch.Tensor          # (N,) int64 rows of the batch's (T, H) hidden states
+    targets: torch.Tensor       # (N,) int64
+    weights: torch.Tensor       # (N,) fp32: omega for SFT, 1 for HDPO's log-prob sums
+    segments: torch.Tensor      # (N,) int64: the example (SFT) or response (HDPO) in the pack
+    num_segments: int
+    buckets: torch.Tensor       # (N,) int64: index into the batch's bucket_names
+
+    TENSORS = ("rows", "targets", "weights", "segments", "buckets")
+
+    def to(self, device):
+        """A copy on ``device`` (``to_device`` for each tensor)."""
+        out = dataclasses.replace(self)
+        for name in self.TENSORS:
+            setattr(out, name, to_device(getattr(self, name), device))
+        return out
 
 
 @dataclass
@@ -134,6 +165,7 @@ class Batch:
     kv_index: torch.Tensor | None = None
     cu_seqlens_k: torch.Tensor | None = None
     max_seqlen_k: int = 0
+    scored: ScoredTokens | None = None  # what the loss head reads (SFT; HDPO: data.groups)
 
     @property
     def packed(self) -> bool:
@@ -146,6 +178,8 @@ class Batch:
             t = getattr(self, name)
             if t is not None:
                 setattr(out, name, to_device(t, device))
+        if self.scored is not None:
+            out.scored = self.scored.to(device)
         return out
 
     def model_inputs(self) -> dict:
@@ -180,17 +214,25 @@ def collate(pack: Sequence[Example], bucket_names: Sequence[str], *, weighting: 
     prompt = pos < torch.tensor([ex.n_prompt for ex in pack])[example]  # (T,)
     ids = torch.cat([torch.tensor(ex.input_ids, dtype=torch.long) for ex in pack])  # (T,)
     labels = ids.masked_fill(prompt, IGNORE_INDEX)
-    weights = torch.tensor([_token_weight(ex, weighting) for ex in pack],
+    weights = torch.tensor([token_weight(ex, weighting) for ex in pack],
                            dtype=torch.float32)[example].masked_fill(prompt, 0.0)
     buckets = torch.tensor([index[ex.bucket] for ex in pack])[example]
     mass = sum(example_mass(ex, weighting) for ex in pack)
     common = dict(bucket_names=list(bucket_names), mass=mass, num_examples=len(pack),
                   num_tokens=sum(lens), max_seqlen=max(lens))
+    B, L = len(pack), max(lens)
+    mask = torch.arange(L)[None, :] < n[:, None]  # (B, L); True positions in row-major = tokens
+    # the scored tokens: each response token, predicted by the row before it (the same example's:
+    # every example starts with a prompt token); rows of the (T, H) stream, or of the padded
+    # (B * L, H) one
+    t = (~prompt).nonzero()[:, 0]  # (N,) stream positions of the response tokens
+    at = t if not padded else mask.flatten().nonzero()[:, 0][t]  # their rows in the layout
+    common["scored"] = ScoredTokens(rows=at - 1, targets=ids[t], weights=weights[t],
+                                    segments=example[t], num_segments=len(pack),
+                                    buckets=buckets[t])
     if not padded:
         return Batch(input_ids=ids[None], position_ids=pos[None], labels=labels[None],
                      token_weights=weights, bucket_ids=buckets, cu_seqlens=cu, **common)
-    B, L = len(pack), max(lens)
-    mask = torch.arange(L)[None, :] < n[:, None]  # (B, L); True positions in row-major = tokens
 
     def pad(flat: torch.Tensor, value) -> torch.Tensor:  # (T,) -> (B, L)
         out = torch.full((B, L), value, dtype=flat.dtype)

@@ -1,4 +1,4 @@
-"""Preference pairs (METHOD.md section 3): chosen = the human response, rejected = a model's
+"""Preference pairs (docs/method.md section 3): chosen = the human response, rejected = a model's
 prediction for the same prompt; pairs carry the record's bucket.
 
 Formats read by :func:`load_pairs` (per row, .jsonl or .json, decoded as JSON like records):
@@ -18,7 +18,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
-from .records import Record, _history, _meta_fields, _number, _str, _weight, make_record, read_rows
+from .records import (Record, make_record, meta_fields, read_rows, row_history, row_number, row_str,
+                      row_weight)
 
 PAIR_BIAS = {"global": 0.0, "distribution": 1.0, "local": 0.5}
 
@@ -63,16 +64,16 @@ def _parse_pair(row: Any, default_id: str, legacy_tokens: bool) -> PreferencePai
         raise ValueError(f"a pair must be a JSON object, got {type(row).__name__}")
     authors = "instruction" in row or "hdpo_weight" in row
     chosen_key = "chosen" if "chosen" in row else "response"
-    chosen = _str(row, chosen_key, required=True)
-    rejected = _str(row, "rejected", required=True)
+    chosen = row_str(row, chosen_key, required=True)
+    rejected = row_str(row, "rejected", required=True)
     if authors:
-        question, context = _str(row, "instruction"), _str(row, "input")
-        weight = _weight(row, "hdpo_weight")
-        dc, dr = _number(row, "chosen_dist_score"), _number(row, "rejected_dist_score")
+        question, context = row_str(row, "instruction"), row_str(row, "input")
+        weight = row_weight(row, "hdpo_weight")
+        dc, dr = row_number(row, "chosen_dist_score"), row_number(row, "rejected_dist_score")
     else:
-        question, context = _str(row, "question"), _str(row, "context")
-        weight = _weight(row, "weight")
-        dc, dr = _number(row, "chosen_dist"), _number(row, "rejected_dist")
+        question, context = row_str(row, "question"), row_str(row, "context")
+        weight = row_weight(row, "weight")
+        dc, dr = row_number(row, "chosen_dist"), row_number(row, "rejected_dist")
     pair_type = row.get("pair_type", "distribution")
     if pair_type not in PAIR_BIAS:
         raise ValueError(f"pair_type {pair_type!r} is not one of {', '.join(PAIR_BIAS)}")
@@ -81,8 +82,8 @@ def _parse_pair(row: Any, default_id: str, legacy_tokens: bool) -> PreferencePai
              "weight", "chosen_dist", "rejected_dist", "pair_type", "style_bucket", "split"}
     known |= {f.name for f in dataclasses.fields(Record)}
     record = make_record(id=row.get("id", default_id), response=chosen, question=question,
-                         context=context, system=_str(row, "system"), history=_history(row),
-                         split=_str(row, "split"), legacy_tokens=legacy_tokens, **_meta_fields(row),
+                         context=context, system=row_str(row, "system"), history=row_history(row),
+                         split=row_str(row, "split"), legacy_tokens=legacy_tokens, **meta_fields(row),
                          meta={k: v for k, v in row.items() if k not in known})
     return PreferencePair(record, rejected, 1.0 if weight is None else weight, dc, dr, pair_type,
                           meta={"critic_bucket_id": row["critic_bucket_id"]}

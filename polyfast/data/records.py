@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Record:
-    """One human response in its interaction context (METHOD.md section 1)."""
+    """One human response in its interaction context (docs/method.md section 1)."""
 
     id: str
     response: str
@@ -126,7 +126,7 @@ class LoadReport:
 # row parsers: dict -> keyword arguments of make_record; raise ValueError with a plain message
 
 
-def _str(row: dict, key: str, required: bool = False) -> str:
+def row_str(row: dict, key: str, required: bool = False) -> str:
     value = row.get(key)
     if value is None:
         if required:
@@ -137,7 +137,7 @@ def _str(row: dict, key: str, required: bool = False) -> str:
     return value
 
 
-def _history(row: dict, key: str = "history") -> list[tuple[str, str]]:
+def row_history(row: dict, key: str = "history") -> list[tuple[str, str]]:
     value = row.get(key) or []
     if not isinstance(value, list):
         raise ValueError(f"'{key}' must be a list of [user, assistant] pairs")
@@ -158,7 +158,7 @@ def _response(text: str, key: str) -> str:
     return text
 
 
-def _number(row: dict, key: str) -> float | None:
+def row_number(row: dict, key: str) -> float | None:
     """A finite number (JSON's NaN and Infinity are refused), or None when absent."""
     value = row.get(key)
     if value is None:
@@ -170,22 +170,22 @@ def _number(row: dict, key: str) -> float | None:
     return float(value)
 
 
-def _weight(row: dict, key: str) -> float | None:
+def row_weight(row: dict, key: str) -> float | None:
     """A finite, non-negative weight, or None when absent."""
-    value = _number(row, key)
+    value = row_number(row, key)
     if value is not None and value < 0:
         raise ValueError(f"'{key}' must be >= 0, got {value}")
     return value
 
 
-def _meta_fields(row: dict) -> dict[str, Any]:
+def meta_fields(row: dict) -> dict[str, Any]:
     out = {}
     for key in ("language", "track", "family", "length_bin", "bucket_id"):
         if row.get(key) is not None:
-            out[key] = _str(row, key)
+            out[key] = row_str(row, key)
     style = row.get("style", row.get("style_bucket"))
     if style is not None:
-        out["style"] = _str({"style": style}, "style")
+        out["style"] = row_str({"style": style}, "style")
     return out
 
 
@@ -196,21 +196,21 @@ _CHAT_KEYS = {"messages", "id", "weight", "split", "style_bucket"} | _POLYFAST_K
 
 
 def _parse_polyfast(row: dict, default_id: str) -> dict:
-    return dict(id=row.get("id", default_id), response=_response(_str(row, "response", True), "response"),
-                question=_str(row, "question"), context=_str(row, "context"),
-                system=_str(row, "system"), history=_history(row), weight=_weight(row, "weight"),
-                split=_str(row, "split"), **_meta_fields(row),
+    return dict(id=row.get("id", default_id), response=_response(row_str(row, "response", True), "response"),
+                question=row_str(row, "question"), context=row_str(row, "context"),
+                system=row_str(row, "system"), history=row_history(row), weight=row_weight(row, "weight"),
+                split=row_str(row, "split"), **meta_fields(row),
                 meta={k: v for k, v in row.items() if k not in _POLYFAST_KEYS})
 
 
 def _parse_alpaca(row: dict, default_id: str) -> dict:
-    weight = _weight(row, "dist_sft_weight")
+    weight = row_weight(row, "dist_sft_weight")
     if weight is None:
-        weight = _weight(row, "weight")
-    return dict(id=row.get("id", default_id), response=_response(_str(row, "output", True), "output"),
-                question=_str(row, "instruction"), context=_str(row, "input"),
-                system=_str(row, "system"), history=_history(row), weight=weight,
-                split=_str(row, "split"), **_meta_fields(row),
+        weight = row_weight(row, "weight")
+    return dict(id=row.get("id", default_id), response=_response(row_str(row, "output", True), "output"),
+                question=row_str(row, "instruction"), context=row_str(row, "input"),
+                system=row_str(row, "system"), history=row_history(row), weight=weight,
+                split=row_str(row, "split"), **meta_fields(row),
                 meta={k: v for k, v in row.items() if k not in _ALPACA_KEYS})
 
 
@@ -237,8 +237,8 @@ def _parse_chat(row: dict, default_id: str) -> dict:
         raise ValueError("'messages' must end with the assistant response to a user turn")
     history = list(zip(turns[:-2:2], turns[1:-2:2]))
     return dict(id=row.get("id", default_id), response=_response(turns[-1], "messages[-1]"),
-                question=turns[-2], system=system, history=history, weight=_weight(row, "weight"),
-                split=_str(row, "split"), **_meta_fields(row),
+                question=turns[-2], system=system, history=history, weight=row_weight(row, "weight"),
+                split=row_str(row, "split"), **meta_fields(row),
                 meta={k: v for k, v in row.items() if k not in _CHAT_KEYS})
 
 

@@ -1,4 +1,4 @@
-"""Text measures of METHOD.md section 1: normalisation, token counts, length bins, language,
+"""Text measures of docs/method.md section 1: normalisation, token counts, length bins, language,
 bucket ids and the profile system prompt. Pure functions of strings; no tokenizer involved."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ _CURRENT = re.compile(
     r"[A-Za-z]+(?:'[A-Za-z]+)?|\d+|[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]|[^\w\s]")
 # The regex the authors' released English data was binned with.
 _LEGACY = re.compile(r"\w+|[^\w\s]")
-_HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 _LATIN = re.compile(r"[A-Za-z]")
 _SPACES = re.compile(r"[ \t\f\v]+")
 _BLANK_RUNS = re.compile(r"\n{3,}")
@@ -34,7 +34,7 @@ def normalize_whitespace(text: str) -> str:
 
 
 def token_count(text: str, legacy: bool = False) -> int:
-    """Tokens of a human response as METHOD.md counts them (current regex, or the authors' legacy one)."""
+    """Tokens of a human response as docs/method.md counts them (current regex, or the authors' legacy one)."""
     pattern = _LEGACY if legacy else _CURRENT
     return sum(1 for _ in pattern.finditer(normalize_whitespace(text)))
 
@@ -49,7 +49,7 @@ def length_bin(n_tokens: int) -> str:
 
 def detect_language(text: str) -> str:
     """"zh" when Han characters outnumber Latin letters, else "en"."""
-    han = len(_HAN.findall(text))
+    han = len(HAN.findall(text))
     return "zh" if han > 0 and han >= len(_LATIN.findall(text)) else "en"
 
 

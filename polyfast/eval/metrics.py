@@ -1,4 +1,4 @@
-"""Per-bucket evaluation metrics (METHOD.md section 6), language-aware.
+"""Per-bucket evaluation metrics (docs/method.md section 6), language-aware.
 
 Text is tokenised for utility metrics with the SQuAD normalisation (lower case, no punctuation, no
 English articles, single spaces) and, unlike the authors' whitespace split, with every Han

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from ..train.metrics import format_table
+from ..tables import format_table
 
 _COLUMNS = [("f1", "F1"), ("rouge_l", "ROUGE-L"), ("exact_match", "EM"), ("distinct_2", "dist-2"),
             ("self_bleu4", "self-BLEU4"), ("bng", "BNG"), ("hcr", "HCR"), ("in_band", "in-band"),

@@ -1,7 +1,11 @@
 """What every polyfast trainer shares: device, optimizer and schedule, a data order that is a pure
 function of (seed, epoch) (so resuming needs only the step), the step loop with logging, periodic
-evaluation and atomic checkpoints, and the final Hugging Face export. Subclasses say what a pack is
+evaluation and atomic checkpoints, and the final Hugging Face export. Subclasses say what they
+train (``load``: the tokenizer and the policy, on ``self.device``), what a pack is
 (``make_packs``), what a step computes (``forward_backward``) and how to evaluate.
+
+A run has three levels: ``fit`` (the run: lock, run directory, evaluation, the step loop, export)
+-> ``train_step`` (one optimizer step) -> ``forward_backward`` (this rank's packs of the step).
 
 ``fit`` holds the run directory's lock for the whole run, refuses a directory that holds another run
 (``rundir``), resumes only a checkpoint of the same run identity (falling back past unreadable
@@ -12,6 +16,7 @@ checkpoints non-finite parameters.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -29,9 +34,10 @@ from ..config import save_config
 from ..errors import ConfigError, Interrupted, NonFiniteError, RunError
 from ..model import TrunkHead, autocast_context, resolve_device, set_tf32
 from . import rundir
-from .checkpoint import (CheckpointUnreadable, export_bytes, export_pretrained,
-                         list_checkpoints, load_checkpoint, save_checkpoint, trainer_state)
-from .distributed import agree, all_reduce_sum, full_state_dict, init_distributed, shard_model
+from .checkpoint import (CheckpointUnreadable, export_bytes, export_pretrained, list_checkpoints,
+                         load_checkpoint, save_checkpoint, trainer_state)
+from .distributed import (DistInfo, agree, all_reduce_sum, full_state_dict, init_distributed,
+                          shard_model)
 from .guard import BadStep, NonFiniteGuard, first_nonfinite
 from .metrics import MetricsLog
 from .optim import build_optimizer, cosine_with_warmup
@@ -40,44 +46,61 @@ log = logging.getLogger("polyfast")
 
 
 class Trainer:
-    name = "train"
+    """The components a trainer holds, built in this order by ``__init__``."""
 
-    def __init__(self, cfg, tokenizer, model):
-        """``cfg`` has ``run_dir``, ``seed``, ``model`` and ``train``; ``model`` is the policy
-        (``setup_device`` has run). Under torchrun the policy is sharded with FSDP2 here."""
+    name = "train"
+    cfg: object                     # has run_dir, seed, model and train
+    dist: DistInfo                  # this process's rank in the torchrun group (world 1 alone)
+    device: torch.device
+    tokenizer: object
+    model: torch.nn.Module          # the policy, as ``load`` returns it
+    runner: TrunkHead               # the policy's trunk + loss in one forward (what FSDP2 shards)
+    grad_scale: float               # FSDP averages the ranks' gradients; the step loss is a sum
+    optimizer: torch.optim.Optimizer
+    steps_per_epoch: int
+    total_steps: int
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    autocast: functools.partial     # a factory of fresh autocast contexts (bf16 for model.dtype
+                                    # auto on CUDA)
+    guard: NonFiniteGuard           # keeps non-finite steps out of the weights
+    step: int                       # optimizer steps taken
+
+    def __init__(self, cfg):
+        """Threads, device and (under torchrun) the process group first; then the subclass's
+        ``load``; then the policy's runner (sharded with FSDP2 under torchrun), optimizer and
+        schedule."""
         self.cfg = cfg
         t = cfg.train
         if t.grad_accum < 1:
             raise ConfigError("train.grad_accum", "must be >= 1")
-        self.tokenizer = tokenizer
+        if t.num_threads:
+            torch.set_num_threads(t.num_threads)
+        set_tf32(t.tf32)
+        self.dist, self.device = init_distributed(resolve_device(t.device))
+        self.tokenizer, self.model = self.load()
+        self.runner = TrunkHead(self.model)
         self.grad_scale = 1.0
-        self.runner = TrunkHead(model)  # trunk + loss in one forward (what FSDP2 shards)
         if self.dist.enabled:
             shard_model(self.runner, self.device, cfg.model.dtype == "auto")
-            self.grad_scale = float(self.dist.world)  # FSDP averages; the step loss is a sum
-        self.model = model
+            self.grad_scale = float(self.dist.world)
         self._pack_cache: dict[int, list] = {}
         self.optimizer = build_optimizer(self.model, t.lr, t.weight_decay, t.betas)
-        self.steps_per_epoch = math.ceil(len(self._packs(0)) / (t.grad_accum * self.dist.world))
+        self.steps_per_epoch = math.ceil(len(self.packs(0)) / (t.grad_accum * self.dist.world))
         self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * self.steps_per_epoch))
         self.scheduler = cosine_with_warmup(self.optimizer, self.total_steps,
                                             int(t.warmup_ratio * self.total_steps), t.min_lr_ratio)
         self.step = 0
-        # a factory of fresh autocast contexts (bf16 for model.dtype auto on CUDA)
         self.autocast = functools.partial(autocast_context, cfg.model, self.device)
         self.guard = NonFiniteGuard(self.optimizer, self.device, deferred=not self.dist.enabled)
         self.skipped: list[BadStep] = []
         self.resumed_from: str | None = None
 
-    def setup_device(self, train_cfg) -> torch.device:
-        """Threads, device and (under torchrun) the process group; sets ``self.dist``."""
-        if train_cfg.num_threads:
-            torch.set_num_threads(train_cfg.num_threads)
-        set_tf32(train_cfg.tf32)
-        self.dist, device = init_distributed(resolve_device(train_cfg.device))
-        return device
-
     # -- to be provided ---------------------------------------------------------------------
+    def load(self) -> tuple:
+        """(tokenizer, policy model on ``self.device``), and whatever data the trainer needs;
+        ``self.dist`` and ``self.device`` are set."""
+        raise NotImplementedError
+
     def make_packs(self, seed: int) -> list:
         raise NotImplementedError
 
@@ -98,7 +121,8 @@ class Trainer:
         return {}
 
     # -- data order ---------------------------------------------------------------------------
-    def _packs(self, epoch: int) -> list:
+    def packs(self, epoch: int) -> list:
+        """The packs of an epoch, in the order a pure function of (seed, epoch) gives them."""
         if epoch not in self._pack_cache:
             self._pack_cache = {epoch: self.make_packs(self.cfg.seed * 1000 + epoch)}
         return self._pack_cache[epoch]
@@ -107,7 +131,7 @@ class Trainer:
         """All ranks' packs of a step (grad_accum per rank)."""
         epoch, k = divmod(step, self.steps_per_epoch)
         n = self.cfg.train.grad_accum * self.dist.world
-        return self._packs(epoch)[k * n:(k + 1) * n]
+        return self.packs(epoch)[k * n:(k + 1) * n]
 
     # -- one optimizer step -----------------------------------------------------------------
     def train_step(self, packs: list) -> dict:
@@ -230,7 +254,59 @@ class Trainer:
 
     # -- the run ------------------------------------------------------------------------------
     def fit(self) -> dict:
-        """Train to ``total_steps`` in ``run_dir`` (holding its lock), evaluate, export."""
+        """Train to ``total_steps`` in ``run_dir`` (holding its lock), evaluate, export: the
+        metrics row before training, the steps, the final evaluation, export and summary."""
+        with self._run_lock():
+            self._open_run_dir()
+            resumed = self.resumed_from is not None
+            if not resumed:
+                random.seed(self.cfg.seed)
+                np.random.seed(self.cfg.seed)
+                torch.manual_seed(self.cfg.seed)
+            metrics = MetricsLog(self.cfg.run_dir, resume_step=self.step if resumed else None,
+                                 enabled=self.dist.main, report_to=self.cfg.train.report_to)
+            try:
+                eval_before = self._begin(metrics, resumed)
+                bar = tqdm(total=self.total_steps, initial=self.step, desc=self.name, unit="step",
+                           disable=not (self.cfg.train.progress and self.dist.main),
+                           dynamic_ncols=True)
+                first_step, tokens, last = self.step, 0, {}
+                t0 = time.perf_counter()
+                try:
+                    while self.step < self.total_steps:
+                        out = self.train_step(self.step_packs(self.step))
+                        tokens += out["tokens"]
+                        last = self._after_step(out, metrics, tokens / (time.perf_counter() - t0),
+                                                bar) or last
+                except KeyboardInterrupt:
+                    bar.close()
+                    ckpts = list_checkpoints(self.cfg.run_dir)
+                    raise Interrupted(self.step, self.total_steps,
+                                      ckpts[-1] if ckpts else None) from None
+                bar.close()
+                self._handle_bad(self.guard.poll(wait=True), metrics)
+                train_time = time.perf_counter() - t0
+                eval_after = self.evaluate()
+                if eval_after:
+                    metrics.write({"event": "eval", "step": self.step, **eval_after})
+                self._check_parameters("the final export")
+                export = self.export(os.path.join(self.cfg.run_dir, "final"))
+                summary = {"event": "summary", "steps": self.step,
+                           "steps_run": self.step - first_step,
+                           "resumed_from_step": first_step if resumed else None,
+                           "train_seconds": train_time, "tokens": tokens,
+                           "tokens_per_s": tokens / max(train_time, 1e-9),
+                           "final_loss": last.get("loss"),
+                           "skipped_steps": [b.step for b in self.skipped], "export": export,
+                           **self.summary_extra()}
+                metrics.write(summary)
+                return {"summary": summary, "eval_before": eval_before, "eval_after": eval_after}
+            finally:
+                metrics.close()
+
+    @contextlib.contextmanager
+    def _run_lock(self):
+        """Hold run_dir's lock (rank 0 takes it; every rank learns of a refusal)."""
         lock, problem = None, None
         if self.dist.main:
             try:
@@ -241,7 +317,7 @@ class Trainer:
         if problem:
             raise RunError(problem)
         try:
-            return self._fit()
+            yield
         finally:
             if lock is not None:
                 lock.release()
@@ -269,24 +345,9 @@ class Trainer:
             log.warning("train.resume: no checkpoint in %s; starting from step 0",
                         os.path.join(cfg.run_dir, "checkpoints"))
 
-    def _fit(self) -> dict:
-        cfg, t = self.cfg, self.cfg.train
-        main = self.dist.main
-        self._open_run_dir()
-        resumed = self.resumed_from is not None
-        if not resumed:
-            random.seed(cfg.seed)
-            np.random.seed(cfg.seed)
-            torch.manual_seed(cfg.seed)
-        metrics = MetricsLog(cfg.run_dir, resume_step=self.step if resumed else None, enabled=main,
-                             report_to=t.report_to)
-        try:
-            return self._train(metrics, resumed)
-        finally:
-            metrics.close()
-
-    def _train(self, metrics: MetricsLog, resumed: bool) -> dict:
-        cfg, t = self.cfg, self.cfg.train
+    def _begin(self, metrics: MetricsLog, resumed: bool) -> dict:
+        """Say what the data became; the metrics rows written before the first step; the
+        evaluation before training (a resumed run's own, read back)."""
         main = self.dist.main
         if main:
             print(f"{self.name} data: {self.data_summary()}", flush=True)
@@ -295,64 +356,33 @@ class Trainer:
                 print(f"{self.name}: resumed from step {self.step} of {self.total_steps} "
                       f"({self.resumed_from})", flush=True)
             metrics.write({"event": "resume", "step": self.step, "checkpoint": self.resumed_from})
-            eval_before = metrics.first("eval") or {}  # the run's own, from before its first step
-        else:
-            metrics.write({"event": "data", **self.start_row()})
-            eval_before = self.evaluate()
-            if eval_before:
-                metrics.write({"event": "eval", "step": self.step, **eval_before})
-        bar = tqdm(total=self.total_steps, initial=self.step, desc=self.name, unit="step",
-                   disable=not (t.progress and main), dynamic_ncols=True)
-        first_step = self.step
-        t0 = time.perf_counter()
-        try:
-            last, tokens = self._loop(metrics, bar)
-        except KeyboardInterrupt:
-            bar.close()
-            ckpts = list_checkpoints(cfg.run_dir)
-            raise Interrupted(self.step, self.total_steps, ckpts[-1] if ckpts else None) from None
-        bar.close()
-        self._handle_bad(self.guard.poll(wait=True), metrics)
-        train_time = time.perf_counter() - t0
-        eval_after = self.evaluate()
-        if eval_after:
-            metrics.write({"event": "eval", "step": self.step, **eval_after})
-        self._check_parameters("the final export")
-        export = self.export(os.path.join(cfg.run_dir, "final"))
-        summary = {"event": "summary", "steps": self.step, "steps_run": self.step - first_step,
-                   "resumed_from_step": first_step if resumed else None,
-                   "train_seconds": train_time,
-                   "tokens": tokens, "tokens_per_s": tokens / max(train_time, 1e-9),
-                   "final_loss": last.get("loss"), "skipped_steps": [b.step for b in self.skipped],
-                   "export": export, **self.summary_extra()}
-        metrics.write(summary)
-        return {"summary": summary, "eval_before": eval_before, "eval_after": eval_after}
+            return metrics.first("eval") or {}  # the run's own, from before its first step
+        metrics.write({"event": "data", **self.start_row()})
+        eval_before = self.evaluate()
+        if eval_before:
+            metrics.write({"event": "eval", "step": self.step, **eval_before})
+        return eval_before
 
-    def _loop(self, metrics: MetricsLog, bar) -> tuple[dict, int]:
-        """The optimizer steps to ``total_steps``: (the last train row, the tokens of the steps
-        run)."""
+    def _after_step(self, out: dict, metrics: MetricsLog, tokens_per_s: float, bar) -> dict | None:
+        """What follows a step: its non-finite report, the train row every ``log_every`` steps
+        (returned), evaluation and checkpoint at their intervals."""
         t = self.cfg.train
-        tokens = 0
-        t0 = time.perf_counter()
-        last: dict = {}
-        while self.step < self.total_steps:
-            out = self.train_step(self.step_packs(self.step))
-            tokens += out["tokens"]
-            self._handle_bad(out["bad"], metrics)
-            if self.step % t.log_every == 0 or self.step == self.total_steps:
-                self._handle_bad(self.guard.poll(wait=True), metrics)
-                last = {"event": "train", "step": self.step, "loss": out["loss"].item(),
-                        "grad_norm": float(out["grad_norm"]), "lr": self.scheduler.get_last_lr()[0],
-                        "tokens_per_s": tokens / (time.perf_counter() - t0), **self.train_row(out)}
-                metrics.write(last)
-                bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:,.0f}")
-            if t.eval_every and self.step % t.eval_every == 0 and self.step < self.total_steps:
-                metrics.write({"event": "eval", "step": self.step, **self.evaluate()})
-            if t.save_every and self.step % t.save_every == 0 and self.step < self.total_steps:
-                self._handle_bad(self.guard.poll(wait=True), metrics)
-                self.save()
-            bar.update(1)
-        return last, tokens
+        self._handle_bad(out["bad"], metrics)
+        row = None
+        if self.step % t.log_every == 0 or self.step == self.total_steps:
+            self._handle_bad(self.guard.poll(wait=True), metrics)
+            row = {"event": "train", "step": self.step, "loss": out["loss"].item(),
+                   "grad_norm": float(out["grad_norm"]), "lr": self.scheduler.get_last_lr()[0],
+                   "tokens_per_s": tokens_per_s, **self.train_row(out)}
+            metrics.write(row)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:,.0f}")
+        if t.eval_every and self.step % t.eval_every == 0 and self.step < self.total_steps:
+            metrics.write({"event": "eval", "step": self.step, **self.evaluate()})
+        if t.save_every and self.step % t.save_every == 0 and self.step < self.total_steps:
+            self._handle_bad(self.guard.poll(wait=True), metrics)
+            self.save()
+        bar.update(1)
+        return row
 
     def summary_extra(self) -> dict:
         return {}

@@ -133,14 +133,14 @@ class _SafePlanner(DefaultLoadPlanner):
 # -- disk space ------------------------------------------------------------------------------
 
 
-def _free_bytes(path: str) -> int:
+def free_bytes(path: str) -> int:
     return shutil.disk_usage(path).free
 
 
 _DIRECTORY = 1  # a directory's own entry: one block
 
 
-def _on_disk(sizes, block: int) -> int:
+def on_disk(sizes, block: int) -> int:
     """What files of these sizes occupy: each rounded up to whole blocks."""
     return sum(-(-int(n) // block) * block for n in sizes)
 
@@ -278,7 +278,7 @@ def _failed_write(exc: BaseException, what: str, where: str, need: int, tmp: str
     """After a write of ``what`` into ``tmp`` (the ``partial`` one) failed: remove ``tmp`` (where
     ``remove``), and raise the disk-full RunError if the disk is the cause (the free space is read
     before the removal); return otherwise, for the caller to re-raise ``exc``."""
-    free = _free_bytes(where)
+    free = free_bytes(where)
     if remove:
         shutil.rmtree(tmp, ignore_errors=True)
     if _disk_full(exc) or free < MiB:
@@ -300,7 +300,7 @@ def _main() -> bool:
 
 
 @contextlib.contextmanager
-def _single_process_quiet():
+def single_process_quiet():
     """DCP warns that it "assumes the intent" of a single process; it is the intent."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -329,10 +329,10 @@ def save_checkpoint(run_dir: str, step: int, model, optimizer, scheduler, extra:
     kept = (f"the previous checkpoint {previous[-1]} is intact" if previous
             else "no checkpoint was written")
     problem = None
-    need = _on_disk(sizes, _block_size(run_dir))
+    need = on_disk(sizes, _block_size(run_dir))
     if _main():
         os.makedirs(root, exist_ok=True)
-        free = _free_bytes(root)
+        free = free_bytes(root)
         if free < need:  # refuse before writing anything
             problem = str(_space_error(f"checkpoint step {step}", root, need, free, kept))
     problem = agree(problem)
@@ -343,7 +343,7 @@ def save_checkpoint(run_dir: str, step: int, model, optimizer, scheduler, extra:
         os.makedirs(tmp)
     _barrier()
     try:
-        with _single_process_quiet():
+        with single_process_quiet():
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp,
                      no_dist=not _distributed())
         for name, text in texts.items():
@@ -415,7 +415,7 @@ def load_dcp(path: str, state: dict) -> None:
     except (MetadataRefused, OSError) as e:
         raise CheckpointUnreadable(str(e)) from None
     try:
-        with _single_process_quiet():
+        with single_process_quiet():
             dcp.load(state, storage_reader=_SafeReader(path, metadata), planner=_SafePlanner(),
                      no_dist=not _distributed())
     except (Exception, CheckpointException) as e:  # any failure to read is this checkpoint's
@@ -451,10 +451,10 @@ def export_pretrained(model, tokenizer, out_dir: str) -> str:
     where = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(where, exist_ok=True)  # (its free space is asked for next)
     shutil.rmtree(tmp, ignore_errors=True)
-    need = _on_disk(export_bytes(model, tokenizer), _block_size(where))
+    need = on_disk(export_bytes(model, tokenizer), _block_size(where))
     kept = (f"the previous export {out_dir} is intact" if os.path.exists(out_dir)
             else "nothing was exported")
-    free = _free_bytes(where)
+    free = free_bytes(where)
     if free < need:
         raise _space_error(f"the export {out_dir}", where, need, free, kept)
     try:

@@ -5,7 +5,7 @@ torch.distributed.checkpoint writes a checkpoint's index with ``pickle.dump`` an
 instead: an unpickler that interprets only the opcodes DCP's index uses and can build exactly
 
 - pickle's own values: None, bools, ints, floats, str, bytes, tuples, lists, dicts, sets;
-- the (module, name) pairs of ``_GLOBALS``, looked up here in a table built from this module's
+- the (module, name) pairs of ``ALLOWED_GLOBALS``, looked up here in a table built from this module's
   imports (a name is never resolved through the file's modules, so ``torch.os.system`` or any
   other dotted name is refused): DCP's metadata dataclasses and ``_StorageInfo``, its memory-format
   enum, ``torch.Size``, torch's dtypes, ``torch.serialization._get_layout``, pathlib's path
@@ -63,7 +63,7 @@ _CALLABLES = {("torch", "Size"): torch.Size,
 _DTYPES = {("torch", n): getattr(torch, n) for n in dir(torch)
            if isinstance(getattr(torch, n, None), torch.dtype)}
 
-_GLOBALS = {**_DATACLASSES, **_CALLABLES, **_DTYPES}
+ALLOWED_GLOBALS = {**_DATACLASSES, **_CALLABLES, **_DTYPES}
 # what the calls and names above give, as TensorProperties' state may hold them
 _DECODED = (torch.dtype, torch.layout, torch.Size, _dcp_md._MEM_FORMAT_ENCODING)
 _BUILDABLE = frozenset(_DATACLASSES.values())
@@ -98,7 +98,7 @@ class _IndexUnpickler(pickle._Unpickler):
     calls and builds restricted as the module docstring says."""
 
     def find_class(self, module: str, name: str):
-        obj = _GLOBALS.get((module, name))
+        obj = ALLOWED_GLOBALS.get((module, name))
         if obj is None:
             _refuse(f"refusing to build {module}.{name}: not one of the names a DCP index holds")
         return obj

@@ -1,5 +1,5 @@
 """HDPO: DPO against the frozen starting checkpoint, regularised by a critic's distance to the
-bucket's human support (METHOD.md section 5).
+bucket's human support (docs/method.md section 5).
 
 Pairs that share a prompt form a group (``data.groups``): the prompt and its responses, laid out
 with the prompt once (``hdpo.prefix_sharing``, default) or once per response; packs hold whole
@@ -22,6 +22,7 @@ import functools
 import hashlib
 import logging
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -41,6 +42,11 @@ from .base import Trainer
 from .distributed import shard_model
 
 log = logging.getLogger("polyfast")
+# the per-pair distance columns of each hdpo.distance ("lm": the critic's band of the bucket)
+DISTANCE_COLUMNS = {"none": ("chosen_dist", "rejected_dist"),
+                    "pairs": ("chosen_dist", "rejected_dist"),
+                    "feature": ("chosen_dist", "rejected_dist"),
+                    "lm": ("q10", "q90", "scale")}
 METRICS = ("rewards_chosen", "rewards_rejected", "accuracy", "margin", "dist_reg", "anchor")
 
 
@@ -51,15 +57,73 @@ def _frozen(model_cfg, path: str, tokenizer, device):
     return model.eval().requires_grad_(False)
 
 
+@dataclass
+class PairTable:
+    """Per pair, by pair index, on the host: what the loss reads of a pair besides the policy's
+    log-probs. ``values`` (pairs, columns) holds the named ``columns`` side by side, so that a
+    pack's rows reach the device in one pinned, non-blocking copy (no host sync)."""
+
+    columns: tuple[str, ...]
+    values: torch.Tensor            # (pairs, len(columns)) fp32
+
+    @classmethod
+    def build(cls, named: dict[str, torch.Tensor], n: int) -> "PairTable":
+        values = torch.stack([v.float() for v in named.values()], 1) if n else \
+            torch.zeros(0, len(named))
+        return cls(tuple(named), values)
+
+    def take(self, index: list[int], device) -> dict[str, torch.Tensor]:
+        """The named columns of these pairs, each (P,), on ``device``."""
+        rows = to_device(self.values[index], device)  # (P, C)
+        return {name: rows[:, k] for k, name in enumerate(self.columns)}
+
+
 class HDPOTrainer(Trainer):
+    """HDPO over packs of preference groups: policy, reference and critic log-probs in one
+    ``joint_logprobs`` call per pack. Besides the base components it holds:"""
+
     name = "hdpo"
+    pairs: list[PreferencePair]
+    val_pairs: list[PreferencePair]
+    examples: list[GroupExample]        # the train pairs as groups (one prompt, its responses)
+    val_examples: list[GroupExample]
+    reference: torch.nn.Module | None   # the frozen start; None once its log-probs are cached
+    critic: torch.nn.Module | None      # the LM critic (hdpo.distance lm), maybe the reference
+    tables: dict[str, PairTable]        # split -> per-pair weight, distances, cached ref log-probs
 
     def __init__(self, cfg: HDPOConfig, pairs: list[PreferencePair] | None = None,
                  val_pairs: list[PreferencePair] | None = None):
         if not cfg.model.path:
             raise ConfigError("model.path", "HDPO starts from a checkpoint (the Bucket-SFT export)")
-        self.device = self.setup_device(cfg.train)
+        self.pairs, self.val_pairs = pairs, val_pairs
+        super().__init__(cfg)
+        h = cfg.hdpo
+        self.distances = {"train": self._distances(self.pairs, "train"),
+                          "val": self._distances(self.val_pairs, "val")}
+        # the LM critic's bands above are built unsharded; from here on frozen models run through
+        # their own TrunkHead, sharded when hdpo.frozen is "shard"
+        self._frozen_runners: dict[int, TrunkHead] = {}
+        self.frozen_sharded = self.dist.enabled and h.frozen == "shard"
+        if self.frozen_sharded:
+            frozen_models = {id(m): m for m in (self.reference, self.critic) if m is not None}
+            for frozen in frozen_models.values():  # a critic that is the reference: sharded once
+                shard_model(self._runner(frozen), self.device, cfg.model.dtype == "auto")
+        self.tables = {}
+        for split, pairs, examples in (("train", self.pairs, self.examples),
+                                       ("val", self.val_pairs, self.val_examples)):
+            named = {"weight": torch.tensor([p.weight for p in pairs], dtype=torch.float32)}
+            named.update(zip(DISTANCE_COLUMNS[h.distance], self.distances[split]))
+            if h.reference == "precomputed":
+                ref = self._reference_logps(examples, len(pairs))  # (pairs, 2)
+                named.update(ref_chosen=ref[:, 0], ref_rejected=ref[:, 1])
+            self.tables[split] = PairTable.build(named, len(pairs))
+        if h.reference == "precomputed":
+            self.reference = None  # no longer held in memory
+
+    def load(self):
+        cfg = self.cfg
         d, h = cfg.data, cfg.hdpo
+        pairs, val_pairs = self.pairs, self.val_pairs
         tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
         if pairs is None:
             if not d.pairs:
@@ -97,35 +161,12 @@ class HDPOTrainer(Trainer):
             # the default critic is the starting checkpoint: the reference itself, held once
             self.critic = (self.reference if critic_path == cfg.model.path
                            else _frozen(cfg.model, critic_path, tokenizer, self.device))
-        super().__init__(cfg, tokenizer, model)
-        self.distances = {"train": self._distances(self.pairs, "train"),
-                          "val": self._distances(self.val_pairs, "val")}
-        # the LM critic's bands above are built unsharded; from here on frozen models run through
-        # their own TrunkHead, sharded when hdpo.frozen is "shard"
-        self._frozen_runners: dict[int, TrunkHead] = {}
-        self.frozen_sharded = self.dist.enabled and h.frozen == "shard"
-        if self.frozen_sharded:
-            frozen_models = {id(m): m for m in (self.reference, self.critic) if m is not None}
-            for frozen in frozen_models.values():  # a critic that is the reference: sharded once
-                shard_model(self._runner(frozen), self.device, cfg.model.dtype == "auto")
-        # per pair, by index, on the host: weight, distances (dc, dr; or the LM critic's band
-        # q10, q90, scale) and, when precomputed, the reference's (chosen, rejected) log-probs.
-        # A pack's rows reach the device in one pinned, non-blocking copy: no host sync.
-        tables = {}
-        for split, pairs, examples in (("train", self.pairs, self.examples),
-                                       ("val", self.val_pairs, self.val_examples)):
-            cols = [torch.tensor([p.weight for p in pairs], dtype=torch.float32)]
-            cols += [d.float() for d in self.distances[split]]
-            if h.reference == "precomputed":
-                cols += self._reference_logps(examples, len(pairs)).unbind(1)
-            tables[split] = torch.stack(cols, 1) if pairs else torch.zeros(0, len(cols))
-        self.tables = tables
-        if h.reference == "precomputed":
-            self.reference = None  # no longer held in memory
+        return tokenizer, model
 
     # -- critic distances ---------------------------------------------------------------------
     def _distances(self, pairs: list[PreferencePair], split: str):
-        """Per pair (dc, dr) tensors, or for the LM critic the band (q10, q90, scale) per pair."""
+        """Per pair the tensors of ``DISTANCE_COLUMNS[hdpo.distance]``: (dc, dr), or for the LM
+        critic the band (q10, q90, scale) of the pair's bucket."""
         h = self.cfg.hdpo
         n = len(pairs)
         if h.distance == "none" or n == 0:
@@ -239,8 +280,9 @@ class HDPOTrainer(Trainer):
         reads its head. Only the hidden rows that predict response tokens reach the kernel (a
         shared prompt's last row once per response). Replicated frozen models join models[0]'s
         ``joint_logprobs`` launch; sharded ones gather their own weights, one launch each."""
-        batch, sc = collate_groups(pack, self.bucket_names)
-        batch, sc = batch.to(self.device), sc.to(self.device)
+        batch, _ = collate_groups(pack, self.bucket_names)
+        batch = batch.to(self.device)
+        sc = batch.scored
 
         def joint(ms, gs):  # the runner hands over models[0]'s hidden states and head weight
             def fn(first_hidden, first_weight):
@@ -274,22 +316,22 @@ class HDPOTrainer(Trainer):
             models.append(self.critic)  # (a critic that is the live reference reuses its row)
             grads.append(False)
         sums, counts, sc = self._logps(pack, models, grads)  # (M, S) per response, (S,)
-        rows = to_device(self.tables[split][sc.pair_index], self.device)  # (P, C)
-        w, rows = rows[:, 0], rows[:, 1:]
+        pair = self.tables[split].take(sc.pair_index, self.device)  # name -> (P,)
         c, r = sc.chosen, sc.rejected  # (P,) each pair's two responses
         pc, pr = sums[0, c], sums[0, r]
         if self.reference is not None:
             rc, rr = sums[1, c], sums[1, r]
         else:
-            rc, rr = rows[:, -2], rows[:, -1]
+            rc, rr = pair["ref_chosen"], pair["ref_rejected"]
         if h.distance == "lm":
             nll = -sums[-1] / counts.clamp(min=1)  # (S,) the critic's mean NLL per response
-            q10, q90, scale = rows[:, 0], rows[:, 1], rows[:, 2]
-            band = lambda x: (torch.relu(q10 - x) + torch.relu(x - q90)) / scale  # noqa: E731
+
+            def band(x):  # the distance of a mean NLL to the band [q10, q90], in band scales
+                return (torch.relu(pair["q10"] - x) + torch.relu(x - pair["q90"])) / pair["scale"]
             dc, dr = band(nll[c]), band(nll[r])
         else:
-            dc, dr = rows[:, 0], rows[:, 1]
-        return hdpo_loss(pc, pr, rc, rr, dc, dr, w, counts[c], beta=h.beta,
+            dc, dr = pair["chosen_dist"], pair["rejected_dist"]
+        return hdpo_loss(pc, pr, rc, rr, dc, dr, pair["weight"], counts[c], beta=h.beta,
                          reg_lambda=h.reg_lambda, ftx=h.ftx, label_smoothing=h.label_smoothing,
                          weight_sum=weight_sum, num_pairs=num_pairs)
 
@@ -334,11 +376,11 @@ class HDPOTrainer(Trainer):
         val = f"; val: {len(self.val_pairs):,} pairs" if self.val_pairs else ""
         return (f"train: {len(self.pairs):,} pairs in {len(self.examples):,} groups "
                 f"({describe_counts(self.counts)}){val}; {len(self.bucket_names)} buckets, "
-                f"{len(self._packs(0))} packs per epoch")
+                f"{len(self.packs(0))} packs per epoch")
 
     def start_row(self) -> dict:
         return {"pairs": len(self.pairs), "val_pairs": len(self.val_pairs),
-                "packs_per_epoch": len(self._packs(0)), "counts": dict(self.counts),
+                "packs_per_epoch": len(self.packs(0)), "counts": dict(self.counts),
                 "distance": self.cfg.hdpo.distance, "reference": self.cfg.hdpo.reference,
                 "prefix_sharing": self.cfg.hdpo.prefix_sharing,
                 "tokens_per_epoch": sum(g.computed_tokens for g in self.examples),

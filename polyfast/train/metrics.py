@@ -101,22 +101,3 @@ def _scalars(row: dict, prefix: str):
             yield from _scalars(v, f"{prefix}/{k}")
         elif isinstance(v, (int, float)) and not isinstance(v, bool):
             yield f"{prefix}/{k}", float(v)
-
-
-def format_table(headers: list[str], rows: list[list], align: str | None = None) -> str:
-    """A plain-text (markdown-compatible) table."""
-    cells = [[str(h) for h in headers]] + [[_fmt(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    align = align or "l" + "r" * (len(headers) - 1)
-    def line(r):
-        return "| " + " | ".join(c.ljust(w) if a == "l" else c.rjust(w)
-                                 for c, w, a in zip(r, widths, align)) + " |"
-    sep = "|" + "|".join(("-" * (w + 1) + ":") if a == "r" else ("-" * (w + 2))
-                         for w, a in zip(widths, align)) + "|"
-    return "\n".join([line(cells[0]), sep] + [line(r) for r in cells[1:]])
-
-
-def _fmt(x) -> str:
-    if isinstance(x, float):
-        return f"{x:.4f}" if abs(x) < 1000 else f"{x:,.0f}"
-    return str(x)

@@ -2,7 +2,7 @@
 
 One optimizer step = ``grad_accum`` micro-batches (packs). The step's normaliser, the sum of the
 examples' masses (w_b for bucket weighting), is known on the host from the packs before any forward,
-so the loss is METHOD.md section 2 exactly whatever the micro-batch size, with no device sync.
+so the loss is docs/method.md section 2 exactly whatever the micro-batch size, with no device sync.
 """
 
 from __future__ import annotations
@@ -15,15 +15,15 @@ import numpy as np
 import torch
 
 from ..config import SFTConfig
-from ..data import (Example, bucket_weights, collate, demo_records, encode_records,
-                    load_tokenizer, pack_examples, packing_efficiency, read_records)
+from ..data import (Example, bucket_weights, collate, demo_records, encode_records, load_tokenizer,
+                    pack_examples, packing_efficiency, read_records)
 from ..data.packing import example_mass
 from ..data.tokenize import fit_length
 from ..errors import ConfigError
-from ..losses import bucket_sft_loss
+from ..losses import bucket_sft_loss, step_normalizer
 from ..model import load_model, logit_softcap
+from ..tables import format_table
 from .base import Trainer
-from .metrics import format_table
 
 log = logging.getLogger("polyfast")
 
@@ -93,15 +93,23 @@ class SFTTrainer(Trainer):
 
     name = "sft"
 
+    data: PreparedData
+    packed: bool                    # data.packing is not "none"
+    softcap: float | None           # the policy's final-logit softcap (Gemma-2)
+
     def __init__(self, cfg: SFTConfig, data: PreparedData | None = None, tokenizer=None):
-        self.device = self.setup_device(cfg.train)
-        tokenizer = tokenizer or load_tokenizer(cfg.model.tokenizer or cfg.model.path)
-        self.data = data or prepare_data(cfg, tokenizer)
+        self.data, self._given_tokenizer = data, tokenizer
+        super().__init__(cfg)
+
+    def load(self):
+        cfg = self.cfg
+        tokenizer = self._given_tokenizer or load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+        self.data = self.data or prepare_data(cfg, tokenizer)
         self.packed = cfg.data.packing != "none"
         model = load_model(cfg.model, tokenizer, packed=self.packed, seed=cfg.seed,
                            device=self.device)
         self.softcap = logit_softcap(model)
-        super().__init__(cfg, tokenizer, model)
+        return tokenizer, model
 
     def make_packs(self, seed: int) -> list[list[Example]]:
         d = self.cfg.data
@@ -115,17 +123,17 @@ class SFTTrainer(Trainer):
 
     # -- one micro-batch --------------------------------------------------------------------
     def micro_loss(self, batch, normalizer: float):
-        def loss(hidden, weight):  # hidden (B*T, H), weight (V, H)
-            return bucket_sft_loss(hidden, weight, batch.labels, batch.token_weights, normalizer,
-                                   softcap=self.softcap, backend=self.cfg.train.loss_backend)
+        def loss(hidden, weight):  # hidden (T, H), weight (V, H)
+            return bucket_sft_loss(hidden, weight, batch.scored, normalizer, softcap=self.softcap,
+                                   backend=self.cfg.train.loss_backend)
         return self.runner(batch, loss, self.autocast)
 
     def forward_backward(self, packs: list[list[Example]], step_packs=None) -> dict:
         """Forward/backward every micro-batch, each normalised by the step's total mass (over all
-        ranks' packs), so the accumulated gradient is that of METHOD.md's step loss."""
+        ranks' packs), so the accumulated gradient is that of the step loss (``losses``)."""
         self.model.train()
         weighting = self.cfg.data.weighting
-        normalizer = sum(example_mass(ex, weighting) for p in (step_packs or packs) for ex in p)
+        normalizer = step_normalizer((ex for p in (step_packs or packs) for ex in p), weighting)
         index = {b: i for i, b in enumerate(self.data.bucket_names)}
         bucket_sum = torch.zeros(len(index), device=self.device)
         bucket_mass = torch.zeros(len(index))
@@ -135,9 +143,7 @@ class SFTTrainer(Trainer):
             loss, per_token = self.micro_loss(batch, normalizer)
             (loss * self.grad_scale).backward()
             loss_total += loss.detach()
-            # per_token sits at the predicting position, which shares its example (and bucket)
-            # with the target wherever per_token is non-zero
-            bucket_sum.index_add_(0, batch.bucket_ids.clamp(min=0), per_token.detach())
+            bucket_sum.index_add_(0, batch.scored.buckets, per_token.detach())
             for ex in pack:
                 bucket_mass[index[ex.bucket]] += example_mass(ex, weighting)
         return {"loss": loss_total, "bucket_sum": bucket_sum, "bucket_mass": bucket_mass}
@@ -158,7 +164,7 @@ class SFTTrainer(Trainer):
 
     def start_row(self) -> dict:
         return {"train_examples": len(self.data.train), "val_examples": len(self.data.val),
-                "packs_per_epoch": len(self._packs(0)), "packing_efficiency": self.efficiency(),
+                "packs_per_epoch": len(self.packs(0)), "packing_efficiency": self.efficiency(),
                 "bucket_weights": self.data.weights,
                 "counts": {k: dict(v) for k, v in self.data.counts.items()}}
 
@@ -167,11 +173,11 @@ class SFTTrainer(Trainer):
         parts = [describe_split(split, c, d.max_tokens)
                  for split, c in self.data.counts.items() if c]
         return (f"{'; '.join(parts)}; {len(self.data.bucket_names)} buckets, "
-                f"{len(self._packs(0))} packs per epoch (packing efficiency "
+                f"{len(self.packs(0))} packs per epoch (packing efficiency "
                 f"{self.efficiency():.3f})")
 
     def efficiency(self) -> float:
-        return packing_efficiency(self._packs(0), self.cfg.data.max_tokens, self.cfg.data.packing)
+        return packing_efficiency(self.packs(0), self.cfg.data.max_tokens, self.cfg.data.packing)
 
     def summary_extra(self) -> dict:
         return {"packing_efficiency": self.efficiency()}
@@ -197,8 +203,8 @@ def per_bucket_loss(model, examples: list[Example], bucket_names: list[str], max
         batch = collate(pack, bucket_names, weighting="example", padded=not packed,
                         pad_id=pad_id).to(device)  # omega = 1 / T_i
         _, per_token = runner(batch, lambda h, w: bucket_sft_loss(
-            h, w, batch.labels, batch.token_weights, 1.0, softcap=softcap, backend=backend), autocast)
-        sums.index_add_(0, batch.bucket_ids.clamp(min=0), per_token.float())
+            h, w, batch.scored, 1.0, softcap=softcap, backend=backend), autocast)
+        sums.index_add_(0, batch.scored.buckets, per_token.float())
     model.train(was_training)
     counts = Counter(ex.bucket for ex in examples)
     sums = sums.cpu().tolist()
@@ -231,6 +237,3 @@ def eval_table(before: dict, after: dict) -> str:
         rows.append(["macro", before["macro"], after["macro"], after["macro"] - before["macro"]])
     return format_table(["bucket", "before", "after", "change"], rows)
 
-
-def run_sft(cfg: SFTConfig) -> dict:
-    return SFTTrainer(cfg).fit()
