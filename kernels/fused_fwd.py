@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .checks import dot_precision
+from .checks import IGNORE_INDEX, dot_precision
 from .configs import launch_config, num_sms
 from .triton_helpers import HAS_TRITON, empty_stats, merge_stats, row_stats
 
@@ -57,7 +57,7 @@ if HAS_TRITON:
 SIGNATURES = {"linear_ce.fwd": {
     "types": {"h_ptr": "*operand", "w_ptr": "*operand", "y_ptr": "*i64", "m_ptr": "*fp32",
               "s_ptr": "*fp32", "zt_ptr": "*fp32", "v_per_split": "i32", "softcap": "fp32"},
-    "constexprs": lambda v: {"IGNORE": -100}}}
+    "constexprs": lambda v: {"IGNORE": IGNORE_INDEX}}}
 
 
 def launch_fwd(hidden, weight, targets, softcap, ignore_index, num_splits=None):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from .checks import IGNORE_INDEX
 from .configs import elementwise_config
 from .triton_helpers import (HAS_TRITON, apply_softcap, empty_stats, fold_stats, merge_stats,
                              softcap_chain)
@@ -99,7 +100,7 @@ if HAS_TRITON:
 _CHUNK_TYPES = {"z_ptr": "*fp32", "dl_ptr": "*operand", "y_ptr": "*i64", "m_ptr": "*fp32",
                 "s_ptr": "*fp32", "zt_ptr": "*fp32", "lse_ptr": "*fp32", "g_ptr": "*fp32",
                 "tcoef_ptr": "*fp32", "softcap": "fp32"}
-SIGNATURES = {"gemm.stats": {"types": _CHUNK_TYPES, "constexprs": lambda v: {"IGNORE": -100}},
+SIGNATURES = {"gemm.stats": {"types": _CHUNK_TYPES, "constexprs": lambda v: {"IGNORE": IGNORE_INDEX}},
               "gemm.grad": {"types": _CHUNK_TYPES, "constexprs": lambda v: {}}}
 
 _OUT_DTYPE_WORKS: dict = {}  # "mm" / "addmm" -> whether its out_dtype= form works on CUDA

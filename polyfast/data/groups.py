@@ -168,9 +168,9 @@ class Scoring(ScoredTokens):
     """What the loss reads of a group pack: the scored tokens (``ScoredTokens``: segments are the
     pack's responses, weights 1) and, per pair, the segments of its two sides."""
 
-    chosen: torch.Tensor = None     # (P,) int64 segment of each pair's chosen side
-    rejected: torch.Tensor = None   # (P,) int64 segment of each pair's rejected side
-    pair_index: list[int] = None    # (P,) the pairs' indices (host)
+    chosen: torch.Tensor            # (P,) int64 segment of each pair's chosen side
+    rejected: torch.Tensor          # (P,) int64 segment of each pair's rejected side
+    pair_index: list[int]           # (P,) the pairs' indices (host)
 
     TENSORS = (*ScoredTokens.TENSORS, "chosen", "rejected")
 
@@ -229,7 +229,7 @@ def collate_groups(pack: Sequence[GroupExample], bucket_names: Sequence[str]
             chosen.append(first + c)
             rejected.append(first + r)
             pair_index.append(i)
-    ids_t, labels = torch.cat(ids), torch.cat(lab)
+    ids_t, labels, bucket_t = torch.cat(ids), torch.cat(lab), torch.cat(bucket)
     response = labels != IGNORE_INDEX  # (T,) the response tokens, responses in pack order
     n_resp = torch.tensor([len(r) for g in pack for r in g.responses])
     token_weights = torch.zeros(len(ids_t))
@@ -237,11 +237,11 @@ def collate_groups(pack: Sequence[GroupExample], bucket_names: Sequence[str]
     scoring = Scoring(rows=torch.cat(rows), targets=labels[response],
                       weights=torch.ones(int(response.sum())),
                       segments=torch.repeat_interleave(torch.arange(n_seg), n_resp),
-                      num_segments=n_seg, buckets=torch.cat(bucket)[response],
+                      num_segments=n_seg, buckets=bucket_t[response],
                       chosen=torch.tensor(chosen),
                       rejected=torch.tensor(rejected), pair_index=pair_index)
     batch = Batch(input_ids=ids_t[None], position_ids=torch.cat(pos)[None], labels=labels[None],
-                  token_weights=token_weights, bucket_ids=torch.cat(bucket),
+                  token_weights=token_weights, bucket_ids=bucket_t,
                   bucket_names=list(bucket_names), mass=float(len(pair_index)),
                   num_examples=len(q_lens), num_tokens=len(ids_t), cu_seqlens=_offsets(q_lens),
                   max_seqlen=max(q_lens), scored=scoring)

@@ -220,19 +220,20 @@ def collate(pack: Sequence[Example], bucket_names: Sequence[str], *, weighting: 
     mass = sum(example_mass(ex, weighting) for ex in pack)
     common = dict(bucket_names=list(bucket_names), mass=mass, num_examples=len(pack),
                   num_tokens=sum(lens), max_seqlen=max(lens))
-    B, L = len(pack), max(lens)
-    mask = torch.arange(L)[None, :] < n[:, None]  # (B, L); True positions in row-major = tokens
     # the scored tokens: each response token, predicted by the row before it (the same example's:
-    # every example starts with a prompt token); rows of the (T, H) stream, or of the padded
-    # (B * L, H) one
+    # every example starts with a prompt token)
     t = (~prompt).nonzero()[:, 0]  # (N,) stream positions of the response tokens
-    at = t if not padded else mask.flatten().nonzero()[:, 0][t]  # their rows in the layout
-    common["scored"] = ScoredTokens(rows=at - 1, targets=ids[t], weights=weights[t],
-                                    segments=example[t], num_segments=len(pack),
-                                    buckets=buckets[t])
+
+    def scored(rows: torch.Tensor) -> ScoredTokens:  # rows: those of t in the batch's layout
+        return ScoredTokens(rows=rows - 1, targets=ids[t], weights=weights[t], segments=example[t],
+                            num_segments=len(pack), buckets=buckets[t])
     if not padded:
         return Batch(input_ids=ids[None], position_ids=pos[None], labels=labels[None],
-                     token_weights=weights, bucket_ids=buckets, cu_seqlens=cu, **common)
+                     token_weights=weights, bucket_ids=buckets, cu_seqlens=cu, scored=scored(t),
+                     **common)
+    B, L = len(pack), max(lens)
+    mask = torch.arange(L)[None, :] < n[:, None]  # (B, L); True positions in row-major = tokens
+    common["scored"] = scored(mask.flatten().nonzero()[:, 0][t])  # rows of the (B * L, H) states
 
     def pad(flat: torch.Tensor, value) -> torch.Tensor:  # (T,) -> (B, L)
         out = torch.full((B, L), value, dtype=flat.dtype)

@@ -67,10 +67,9 @@ class PairTable:
     values: torch.Tensor            # (pairs, len(columns)) fp32
 
     @classmethod
-    def build(cls, named: dict[str, torch.Tensor], n: int) -> "PairTable":
-        values = torch.stack([v.float() for v in named.values()], 1) if n else \
-            torch.zeros(0, len(named))
-        return cls(tuple(named), values)
+    def build(cls, named: dict[str, torch.Tensor]) -> "PairTable":
+        """From (pairs,) tensors by column name."""
+        return cls(tuple(named), torch.stack([v.float() for v in named.values()], 1))
 
     def take(self, index: list[int], device) -> dict[str, torch.Tensor]:
         """The named columns of these pairs, each (P,), on ``device``."""
@@ -116,7 +115,7 @@ class HDPOTrainer(Trainer):
             if h.reference == "precomputed":
                 ref = self._reference_logps(examples, len(pairs))  # (pairs, 2)
                 named.update(ref_chosen=ref[:, 0], ref_rejected=ref[:, 1])
-            self.tables[split] = PairTable.build(named, len(pairs))
+            self.tables[split] = PairTable.build(named)
         if h.reference == "precomputed":
             self.reference = None  # no longer held in memory
 
@@ -170,7 +169,7 @@ class HDPOTrainer(Trainer):
         h = self.cfg.hdpo
         n = len(pairs)
         if h.distance == "none" or n == 0:
-            return torch.zeros(n), torch.zeros(n)
+            return tuple(torch.zeros(n) for _ in DISTANCE_COLUMNS[h.distance])
         if h.distance == "pairs":
             missing = [p.id for p in pairs if p.chosen_dist is None or p.rejected_dist is None]
             if missing:
