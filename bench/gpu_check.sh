@@ -4,7 +4,7 @@
 # (Qwen2.5-1.5B shape, random init). Each part runs under its own time limit (GNU timeout kills
 # the part's whole process group), every benchmark row is in its JSONL file as soon as it is
 # measured, and the tables are rendered from those files last, whatever failed before: at most
-# 7.7 minutes in all. Optional wheels (liger-kernel, cut-cross-entropy) are installed from .whl/
+# 9.6 minutes in all (the parts' limits). Optional wheels (liger-kernel, cut-cross-entropy) are installed from .whl/
 # when present. Logs and JSONL rows land in $OUT (default /tmp/polyfast-gpu-check).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -40,18 +40,28 @@ part tests 90 python3 -m pytest -q -rs -p no:cacheprovider tests/test_linear_ce_
 tail -12 "$OUT/tests.log"
 # our fused backends against Cut Cross-Entropy and Liger, the CCE comparison shape first
 part linear_ce 110 python3 -m polyfast.bench.linear_ce --grid check --out "$OUT/linear_ce.jsonl"
-# the same shape with peaked rows (nearly every tile passes the gradient filters)
-part linear_ce_peaked 30 python3 -m polyfast.bench.linear_ce --shapes 16384x2048x248320 \
-  --backends triton cce --hidden-std 4 --out "$OUT/linear_ce_peaked.jsonl"
+# (the peaked-rows shape, measured in run 4, is left out to make room for LoRA)
 part joint_logprobs 45 python3 -m polyfast.bench.joint_logprobs --grid gpu --out "$OUT/joint_logprobs.jsonl"
+# LoRA: the policy and its adapters-off reference read one head; one sweep for both vs two vs
+# separate calls
+part joint_logprobs_lora 30 python3 -m polyfast.bench.joint_logprobs --grid gpu --lora \
+  --out "$OUT/joint_logprobs_lora.jsonl"
 part train 170 python3 -m polyfast.bench.train --model qwen2.5-1.5b --max-tokens 8192 --steps 3 \
   --warmup 1 --modes sft:polyfast hdpo:polyfast hdpo:unshared --mode-timeout 55 \
   --out "$OUT/train.jsonl"
+# LoRA against the full fine-tuning rows above: tokens/s and peak memory (HDPO's reference: the
+# adapters switched off), then one 7B-shaped LoRA SFT step (bf16 weights, activation checkpointing)
+part train_lora 80 python3 -m polyfast.bench.train --model qwen2.5-1.5b --max-tokens 8192 \
+  --steps 3 --warmup 1 --modes sft:lora hdpo:lora --mode-timeout 38 --out "$OUT/train.jsonl"
+part train_7b_lora 50 python3 -m polyfast.bench.train --model qwen2.5-7b --max-tokens 8192 \
+  --steps 2 --warmup 1 --modes sft:lora --activation-checkpointing --dtype bfloat16 \
+  --mode-timeout 45 --out "$OUT/train_7b.jsonl"
 
 echo
-for b in linear_ce linear_ce_peaked joint_logprobs train; do
+for b in linear_ce joint_logprobs joint_logprobs_lora train train_7b; do
   if [ -s "$OUT/$b.jsonl" ]; then
-    python3 -m "polyfast.bench.${b%_peaked}" --table "$OUT/$b.jsonl"
+    bench=${b%_lora}
+    python3 -m "polyfast.bench.${bench%_7b}" --table "$OUT/$b.jsonl"
   else
     echo "$b: no rows"
   fi

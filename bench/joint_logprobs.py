@@ -12,6 +12,13 @@ Rows: our Triton kernel (one launch), our torch twin, (a) three full-logits refe
 length, as its interface takes them). Sequences are 32 pairs' sides of equal length (a quarter
 prompt), so (c) sees no padding. Each row goes to bench/results/joint_logprobs.jsonl (--out) as
 soon as it is measured, a failing row with its error; ``--table JSONL`` prints a run's table.
+
+    python -m polyfast.bench.joint_logprobs --lora      # LoRA: policy + adapters-off reference
+
+``--lora``: two models reading one frozen head (the same tensor), the policy's hidden states
+trainable: ``lora_triton`` (one launch sweeping each head tile once for both), ``lora_triton_twice``
+(the same launch reading the head once per model) and ``lora_separate`` (one fused call per model,
+what ``auto`` runs); speed relative to ``lora_separate``.
 """
 
 from __future__ import annotations
@@ -31,16 +38,20 @@ from .harness import RESULTS, append_jsonl, guarded, machine, measure, read_runs
 GRIDS = {"cpu": [(2048, 256, 8192)], "gpu": [(8192, 1536, 151936)]}
 CPU_BACKENDS = ["reference", "torch", "ce_none"]
 GPU_BACKENDS = ["triton", "torch", "reference", "ce_none", "liger_dpo"]
+LORA_BACKENDS = ["lora_triton", "lora_triton_twice", "lora_separate"]
 MODELS = 3
 SEQS = 32
 
 
-def _inputs(N, H, V, dtype, device):
+def _inputs(N, H, V, dtype, device, lora=False):
     torch.manual_seed(0)
-    hs = [(torch.randn(N, H, device=device) / 4).to(dtype) for _ in range(MODELS)]
-    ws = [(torch.randn(V, H, device=device) / H ** 0.5).to(dtype) for _ in range(MODELS)]
+    hs = [(torch.randn(N, H, device=device) / 4).to(dtype) for _ in range(2 if lora else MODELS)]
+    ws = [(torch.randn(V, H, device=device) / H ** 0.5).to(dtype) for _ in range(1 if lora else MODELS)]
     hs[0].requires_grad_()
-    ws[0].requires_grad_()
+    if lora:  # one frozen head for the policy and its adapters-off reference
+        ws = [ws[0], ws[0]]
+    else:
+        ws[0].requires_grad_()
     targets = torch.randint(0, V, (N,), device=device)
     L = N // SEQS
     seg = torch.arange(SEQS, device=device).repeat_interleave(L)
@@ -49,7 +60,14 @@ def _inputs(N, H, V, dtype, device):
 
 
 def _step_fn(backend, hs, ws, targets, seg):
-    from polyfast.kernels import joint_logprobs, linear_cross_entropy
+    from polyfast.kernels import joint_logprobs, joint_logprobs_triton, linear_cross_entropy
+    if backend in ("lora_triton", "lora_triton_twice"):
+        shared = backend == "lora_triton"
+        return lambda: joint_logprobs_triton(hs, ws, targets, seg, SEQS, shared_head=shared)[
+            0][0].sum().backward()
+    if backend == "lora_separate":
+        impl = "separate" if targets.is_cuda else "torch"
+        return lambda: joint_logprobs(hs, ws, targets, seg, SEQS, backend=impl)[0][0].sum().backward()
     if backend in ("triton", "torch", "reference"):
         return lambda: joint_logprobs(hs, ws, targets, seg, SEQS, backend=backend)[0][0].sum().backward()
     if backend == "ce_none":
@@ -75,7 +93,7 @@ def _step_fn(backend, hs, ws, targets, seg):
 
 
 def one(backend, N, H, V, dtype, device, repeats):
-    hs, ws, targets, seg = _inputs(N, H, V, DTYPES[dtype], device)
+    hs, ws, targets, seg = _inputs(N, H, V, DTYPES[dtype], device, backend.startswith("lora_"))
     fn = _step_fn(backend, hs, ws, targets, seg)  # ImportError: the row says "skipped"
 
     def step():
@@ -90,10 +108,13 @@ def render(rows: list[dict]) -> str:
     if not rows:
         return "joint_logprobs: no rows"
     info = rows[0]
-    base = {(r["N"], r["H"], r["V"]): r["ms"] for r in rows if r["backend"] == "ce_none" and "ms" in r}
+    def kind(r):
+        return "lora" if r["backend"].startswith("lora_") else "full"
+    base = {(kind(r), r["N"], r["H"], r["V"]): r["ms"] for r in rows
+            if r["backend"] in ("ce_none", "lora_separate") and "ms" in r}
     table = []
     for r in rows:
-        shape, b = f"{r['N']}x{r['H']}x{r['V']}", base.get((r["N"], r["H"], r["V"]))
+        shape, b = f"{r['N']}x{r['H']}x{r['V']}", base.get((kind(r), r["N"], r["H"], r["V"]))
         if "ms" in r:
             table.append([shape, r["backend"], r["ms"], r["peak_mb"], b / r["ms"] if b else None,
                           r["ms"] / r["gemm_floor_ms"]])
@@ -102,13 +123,16 @@ def render(rows: list[dict]) -> str:
     head = (f"joint_logprobs fwd+bwd, {info['models']} models, {info['dtype']}, {info['device']}, "
             f"torch {info['torch']}, {info['date']}; matmul rate {info['gemm_tflops']:.1f} TFLOP/s\n\n")
     return head + markdown_table(["N x H x V", "backend", "ms (median)", "peak MB",
-                                  "speed vs (b) 3x CE none", "x GEMM floor"], table)
+                                  "speed vs (b) 3x CE none (LoRA: vs lora_separate)",
+                                  "x GEMM floor"], table)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--grid", choices=sorted(GRIDS), default=None)
     p.add_argument("--backends", nargs="*", default=None)
+    p.add_argument("--lora", action="store_true",
+                   help="two models with one frozen head (LORA_BACKENDS)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default=os.path.join(RESULTS, "joint_logprobs.jsonl"),
                    help="JSONL file the rows are appended to "
@@ -130,9 +154,15 @@ def main(argv=None) -> int:
     rate = gemm_tflops(device, dtype)
     rows = []
     for N, H, V in GRIDS[args.grid or ("gpu" if device == "cuda" else "cpu")]:
-        # the GEMM floor: three forward head products and the policy's two backward ones
-        floor_ms = 2 * N * H * V * (MODELS + 2) / (rate * 1e12) * 1e3
-        for b in args.backends or (GPU_BACKENDS if device == "cuda" else CPU_BACKENDS):
+        # the GEMM floor: the forward head products and the policy's backward ones (two; with
+        # LoRA one: the head is frozen)
+        models = 2 if args.lora else MODELS
+        floor_ms = 2 * N * H * V * (models + (1 if args.lora else 2)) / (rate * 1e12) * 1e3
+        if args.lora:  # (the Triton rows need a GPU: the interpreter would take hours here)
+            default = LORA_BACKENDS if device == "cuda" else ["lora_separate"]
+        else:
+            default = GPU_BACKENDS if device == "cuda" else CPU_BACKENDS
+        for b in args.backends or default:
             if device == "cuda":
                 torch.cuda.empty_cache()
                 r = guarded(one, b, N, H, V, dtype, device, args.repeats)
@@ -141,7 +171,7 @@ def main(argv=None) -> int:
                                  ["--one", b, str(N), str(H), str(V),
                                   "--repeats", str(args.repeats)])
             row = {"bench": "joint_logprobs", "backend": b, "N": N, "H": H, "V": V,
-                   "models": MODELS, "dtype": dtype, **info, **r, "gemm_floor_ms": floor_ms,
+                   "models": models, "dtype": dtype, **info, **r, "gemm_floor_ms": floor_ms,
                    "gemm_tflops": rate}
             append_jsonl(args.out, [row])  # at once: a run cut short keeps what it measured
             rows.append(row)

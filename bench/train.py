@@ -15,6 +15,14 @@ Five modes, each in a fresh process (so that peak memory is its own), same init,
   hdpo  unshared   the same with ``hdpo.prefix_sharing: false``: the prompt once per response
   hdpo  baseline   one pair per forward (chosen and rejected padded into a batch of two), full
                    logits -> log_softmax -> gather, a separate reference forward every step
+  sft   lora       sft:polyfast with LoRA adapters (``--lora-rank``, alpha 2r, every projection of
+                   the trunk): only the adapters train
+  hdpo  lora       hdpo:polyfast with LoRA: the reference is the policy with its adapters off (no
+                   second copy of the weights)
+
+The LoRA modes are not in the default list (``--modes sft:lora hdpo:lora``, or ``--lora`` to add
+them): their peak memory beside the full fine-tuning modes' is the point. Their FLOPs count the
+trunk's backward once (the input gradient; frozen weights get none): 2 forwards per training step.
 
 The HDPO modes start from the same random-init checkpoint (written once) and train on pairs whose
 rejected side is the human response with its words reversed; distances are the text-feature band
@@ -60,6 +68,7 @@ from .train_setup import (MODELS, fit_examples, hdpo_config, hdpo_pairs, overrid
                           start_checkpoint)
 
 MODES = ["sft:polyfast", "sft:baseline", "hdpo:polyfast", "hdpo:unshared", "hdpo:baseline"]
+LORA_MODES = ["sft:lora", "hdpo:lora"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -68,14 +77,18 @@ MODES = ["sft:polyfast", "sft:baseline", "hdpo:polyfast", "hdpo:unshared", "hdpo
 # train_baselines.py
 
 
-def sft_polyfast(args, tmp):
+def _lora(args) -> dict:
+    return {"model.lora.r": args.lora_rank, "model.lora.alpha": 2.0 * args.lora_rank}
+
+
+def sft_polyfast(args, tmp, lora: bool = False):
     from polyfast.config import SFTConfig, load_config
     from polyfast.data import bucket_weights, byte_tokenizer, encode_records
     from polyfast.train.sft import PreparedData, SFTTrainer
 
     tok = byte_tokenizer()
     extra = {**overrides(args), "run_dir": os.path.join(tmp, "sft"), "model.liger": args.liger,
-             "model.compile": args.compile}
+             "model.compile": args.compile, **(_lora(args) if lora else {})}
     cfg = load_config(SFTConfig, None, [], extra=extra)
     recs = records(args)
     weights = bucket_weights(recs)
@@ -87,13 +100,26 @@ def sft_polyfast(args, tmp):
         tr.train_step(packs)
         return step_work([len(e) for p in packs for e in p])
     per_step = len(exs) / len(tr.packs(0)) * args.grad_accum
-    return step, tr.model.config, tr.device, 3, {"examples_per_step": per_step,
-                                                 "steps_per_epoch": tr.steps_per_epoch}
+    return step, tr.model.config, tr.device, 2 if lora else 3, {
+        "examples_per_step": per_step, "steps_per_epoch": tr.steps_per_epoch,
+        **_trainable(tr.model)}
 
-def hdpo_polyfast(args, tmp, shared: bool = True):
+
+def _trainable(model) -> dict:
+    from polyfast.lora import trainable_count
+    trains, total = trainable_count(model)
+    return {"trainable_params": trains, "params": total}
+
+def hdpo_polyfast(args, tmp, shared: bool = True, lora: bool = False):
+    import dataclasses
+
+    from polyfast.config import LoraConfig
     from polyfast.train.hdpo import HDPOTrainer
 
     cfg = hdpo_config(args, tmp, start_checkpoint(args, tmp), shared)
+    if lora:
+        cfg.model = dataclasses.replace(cfg.model, lora=LoraConfig(r=args.lora_rank,
+                                                                   alpha=2.0 * args.lora_rank))
     tr = HDPOTrainer(cfg, pairs=hdpo_pairs(args))
 
     def step(s):
@@ -101,15 +127,17 @@ def hdpo_polyfast(args, tmp, shared: bool = True):
         tr.train_step(packs)
         return group_work([g for p in packs for g in p])
     per_step = tr.counts["kept"] / len(tr.packs(0)) * args.grad_accum
-    return step, tr.model.config, tr.device, 4, {"pairs_per_step": per_step,
-                                                 "steps_per_epoch": tr.steps_per_epoch,
-                                                 "prompt_share": prompt_share(tr.examples)}
+    return step, tr.model.config, tr.device, 3 if lora else 4, {
+        "pairs_per_step": per_step, "steps_per_epoch": tr.steps_per_epoch,
+        "prompt_share": prompt_share(tr.examples), **_trainable(tr.model)}
 
 
 RUNNERS = {"sft:polyfast": sft_polyfast, "sft:baseline": sft_baseline,
            "hdpo:polyfast": hdpo_polyfast,
            "hdpo:unshared": lambda args, tmp: hdpo_polyfast(args, tmp, shared=False),
-           "hdpo:baseline": hdpo_baseline}
+           "hdpo:baseline": hdpo_baseline,
+           "sft:lora": lambda args, tmp: sft_polyfast(args, tmp, lora=True),
+           "hdpo:lora": lambda args, tmp: hdpo_polyfast(args, tmp, lora=True)}
 
 def run_one(mode: str, args) -> dict:
     """Build ``mode``, run its warm-up and timed steps (each timed alone); one result row."""
@@ -154,7 +182,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=sorted(MODELS), default="demo")
-    p.add_argument("--modes", nargs="*", default=MODES, choices=MODES)
+    p.add_argument("--modes", nargs="*", default=MODES, choices=MODES + LORA_MODES)
+    p.add_argument("--lora", action="store_true", help="add the LoRA modes (sft:lora, hdpo:lora)")
+    p.add_argument("--lora-rank", type=int, default=16, help="the LoRA modes' rank")
     p.add_argument("--mode", choices=["sft", "hdpo"], help="only the modes of this kind")
     p.add_argument("--data", choices=["demo", "sample"], default="demo",
                    help="the built-in records, or the authors' released sample")
@@ -169,6 +199,8 @@ def parse_args(argv=None):
     p.add_argument("--grad-accum", type=int, default=1, help="packs per optimizer step")
     p.add_argument("--scale", type=int, default=1, help="copies of the demo data")
     p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
+                   help="model.dtype of the polyfast modes (bfloat16: the least memory)")
     p.add_argument("--liger", action="store_true", help="model.liger for the polyfast modes")
     p.add_argument("--compile", action="store_true", help="model.compile for the polyfast modes")
     p.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak, for MFU")
@@ -180,6 +212,8 @@ def parse_args(argv=None):
     p.add_argument("--table", metavar="JSONL", help="print the table of the last run in JSONL and exit")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one mode in this process
     args = p.parse_args(argv)
+    if args.lora:
+        args.modes = [*args.modes, *(m for m in LORA_MODES if m not in args.modes)]
     if args.mode:
         args.modes = [m for m in args.modes if m.startswith(args.mode + ":")]
     return p, args
@@ -206,7 +240,7 @@ def main(argv=None) -> int:
                "attempt": attempt,
                "data": args.data, "per_bucket": args.per_bucket if args.data == "sample" else None,
                "limit": args.limit if args.data == "sample" else None,
-               "grad_accum": args.grad_accum, "activation_checkpointing":
+               "grad_accum": args.grad_accum, "dtype": args.dtype, "activation_checkpointing":
                args.activation_checkpointing, "liger": args.liger, "compile": args.compile,
                **info, "mode": kind, "impl": impl, **r}
         if "error" in r:

@@ -14,6 +14,9 @@ MODELS = {
     "qwen2.5-1.5b": {"arch": "qwen2", "hidden_size": 1536, "num_layers": 28, "num_heads": 12,
                      "num_kv_heads": 2, "intermediate_size": 8960, "vocab_size": 151936,
                      "max_position_embeddings": 32768, "tie_word_embeddings": True},
+    "qwen2.5-7b": {"arch": "qwen2", "hidden_size": 3584, "num_layers": 28, "num_heads": 28,
+                   "num_kv_heads": 4, "intermediate_size": 18944, "vocab_size": 152064,
+                   "max_position_embeddings": 32768, "tie_word_embeddings": False},
 }
 # dense bf16 tensor-core peak, TFLOP/s (vendor datasheets); first match on the device name wins
 
@@ -63,7 +66,8 @@ def overrides(args) -> dict:
     extra.update({"data.max_tokens": args.max_tokens, "data.val": None, "train.max_steps": 10**6,
                   "train.grad_accum": args.grad_accum, "train.progress": False,
                   "train.warmup_ratio": 0.0, "train.lr": 1e-5,
-                  "model.activation_checkpointing": args.activation_checkpointing})
+                  "model.activation_checkpointing": args.activation_checkpointing,
+                  "model.dtype": getattr(args, "dtype", "auto")})
     return extra
 
 def hdpo_pairs(args):
@@ -90,7 +94,8 @@ def start_checkpoint(args, tmp) -> str:
 def hdpo_config(args, tmp, start, shared: bool = True):
     from polyfast.config import HDPOConfig, load_config
     o = overrides(args)
-    extra = {k: v for k, v in o.items() if k.startswith(("train.", "model.activation"))}
+    extra = {k: v for k, v in o.items() if k.startswith(("train.", "model.activation",
+                                                          "model.dtype"))}
     extra.update({"model.path": start, "run_dir": os.path.join(tmp, "hdpo"),
                   "data.max_tokens": args.max_tokens, "hdpo.distance": "feature",
                   "hdpo.reference": "live", "model.liger": args.liger,

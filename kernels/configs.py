@@ -25,19 +25,22 @@ import torch
 from .checks import SIXTEEN_BIT
 
 CONFIGS = {
+    # "jointshared": the joint forward sweeping one head for two models (two accumulators, so
+    # half the rows of "joint" keep the registers from spilling)
     "hopper": {"fwd16": (128, 128, 32, 8, 4), "bwd16": (128, 128, 64, 8, 3),
-               "joint16": (128, 64, 64, 8, 3),
+               "joint16": (128, 64, 64, 8, 3), "jointshared16": (64, 64, 64, 8, 3),
                "fwd32": (64, 128, 32, 8, 2), "bwd32": (64, 64, 16, 8, 2),
-               "joint32": (64, 128, 32, 8, 2)},
+               "joint32": (64, 128, 32, 8, 2), "jointshared32": (64, 64, 32, 8, 2)},
     "ampere": {"fwd16": (128, 128, 32, 8, 3), "bwd16": (128, 128, 32, 8, 2),
-               "joint16": (128, 64, 64, 8, 3),
+               "joint16": (128, 64, 64, 8, 3), "jointshared16": (64, 64, 64, 8, 3),
                "fwd32": (64, 128, 32, 8, 2), "bwd32": (64, 64, 32, 8, 2),
-               "joint32": (64, 128, 32, 8, 2)},
+               "joint32": (64, 128, 32, 8, 2), "jointshared32": (64, 64, 32, 8, 2)},
     "other": {"fwd16": (64, 128, 32, 4, 2), "bwd16": (64, 64, 32, 4, 2),
-              "joint16": (64, 64, 32, 8, 2),
+              "joint16": (64, 64, 32, 8, 2), "jointshared16": (32, 64, 32, 8, 2),
               "fwd32": (64, 64, 32, 4, 2), "bwd32": (64, 64, 32, 8, 2),
-              "joint32": (64, 64, 16, 8, 1)},
-    "interpret": {k + w: (16, 32, 16, 1, 1) for k in ("fwd", "bwd", "joint") for w in ("16", "32")},
+              "joint32": (64, 64, 16, 8, 1), "jointshared32": (32, 64, 16, 8, 1)},
+    "interpret": {k + w: (16, 32, 16, 1, 1) for k in ("fwd", "bwd", "joint", "jointshared")
+                  for w in ("16", "32")},
 }
 # the GPU architecture each family's configs are checked on (bench.compile_check)
 FAMILY_ARCH = {"hopper": 90, "ampere": 80, "other": 86}
@@ -142,7 +145,7 @@ KERNELS = {
     "linear_ce.bwd": ("fused_bwd", "bwd_kernel", "bwd",
                       ["dh filter", "dw filter", "dh+dw filter", "dh+dw"]),
     "joint.fwd": ("joint_logprobs", "joint_fwd_kernel", "joint",
-                  ["models=1", "models=2", "models=3"]),
+                  ["models=1", "models=2", "models=3", "models=2 shared", "models=3 shared"]),
     "gemm.stats": ("gemm", "chunk_stats_kernel", "stats", ["-"]),
     "gemm.grad": ("gemm", "chunk_grad_kernel", "grad", ["-"]),
 }
@@ -159,7 +162,8 @@ class Variant:
     dtype: str           # bf16 | fp16 | fp32 (ieee products) | tf32
     softcap: bool
     what: str            # bwd: dh | dw | dh+dw, "filter" when the gradient filter is compiled
-                         # in; joint: models=M; others: -
+                         # in; joint: models=M, "shared" when models 0 and 1 read one head
+                         # (LoRA); others: -
     config: tuple        # (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages); the elementwise
                          # "gemm" kernels: (BLOCK_R, BLOCK_C, 0, num_warps, 1)
 
@@ -197,10 +201,11 @@ def variants(archs, dtypes) -> list[Variant]:
         fam = by_arch[arch]
         width = "16" if dtype in ("bf16", "fp16") else "32"
         for kernel, (_, _, kind, whats) in KERNELS.items():
-            if kind in ELEMENTWISE_CONFIGS:
-                br, bc, warps = ELEMENTWISE_CONFIGS[kind]
-                cfg = (br, bc, 0, warps, 1)
-            else:
-                cfg = CONFIGS[fam][kind + width]
-            out += [Variant(kernel, arch, fam, dtype, cap, what, cfg) for what in whats]
+            for what in whats:
+                if kind in ELEMENTWISE_CONFIGS:
+                    br, bc, warps = ELEMENTWISE_CONFIGS[kind]
+                    cfg = (br, bc, 0, warps, 1)
+                else:
+                    cfg = CONFIGS[fam][kind + ("shared" if what.endswith("shared") else "") + width]
+                out.append(Variant(kernel, arch, fam, dtype, cap, what, cfg))
     return out

@@ -59,7 +59,7 @@ from .configs import num_sms, pinned_config
 from .fused_bwd import default_filter_eps
 from .linear_ce import FUSED, auto_backend, linear_cross_entropy, padded_operands
 from .torch_twin import linear_ce_reference, linear_ce_torch
-from .triton_helpers import HAS_TRITON, merge_stats, row_stats
+from .triton_helpers import HAS_TRITON, merge_stats, row_stats, row_stats_shared
 
 if HAS_TRITON:
     import triton
@@ -107,12 +107,20 @@ if HAS_TRITON:
                           N, V, S, v_per_split, NUM_MODELS: tl.constexpr,
                           HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-                          DOT_PRECISION: tl.constexpr):
+                          DOT_PRECISION: tl.constexpr, SHARED_HEAD: tl.constexpr = False):
         # grid (row blocks, models, vocabulary splits): each program's (max, off-target sum-exp,
         # target logit) over its split, into (M, P, N) buffers. cap_m = 0: model m has no softcap.
+        # SHARED_HEAD (models 0 and 1 have one head, w0 == w1): grid (row blocks, M - 1, splits),
+        # program 0 of the second axis sweeps the head once for both, program 1 does model 2.
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
         pid_s = tl.program_id(2)
+        if SHARED_HEAD:
+            _joint_shared(h0, h1, w0, H0, sh0, sh1, sw0, cap0, cap1, h2, w2, H2, sh2, sw2, cap2,
+                          y_ptr, seg_ptr, m_ptr, s_ptr, zt_ptr, N, V, S, v_per_split, pid_n,
+                          pid_m, pid_s, NUM_MODELS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_H,
+                          DOT_PRECISION)
+            return
         num_splits = tl.num_programs(2)
         rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
@@ -143,6 +151,45 @@ if HAS_TRITON:
         tl.store(s_ptr + out, s, mask=row_ok)
         tl.store(zt_ptr + out, zt, mask=row_ok)
 
+    @triton.jit
+    def _joint_shared(h0, h1, w, H, sh0, sh1, sw, cap0, cap1, h2, w2, H2, sh2, sw2, cap2, y_ptr,
+                      seg_ptr, m_ptr, s_ptr, zt_ptr, N, V, S, v_per_split, pid_n, pid_m, pid_s,
+                      NUM_MODELS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        # joint_fwd_kernel's SHARED_HEAD programs: models 0 and 1 in one sweep of the head
+        num_splits = tl.cdiv(V, v_per_split)
+        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        seg = tl.load(seg_ptr + rows, mask=row_ok, other=-1)
+        y = tl.load(y_ptr + rows, mask=row_ok, other=-1)
+        scored = row_ok & (seg >= 0) & (seg < S)
+        m0 = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+        s0 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        zt0 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        m1, s1, zt1 = m0, s0, zt0
+        v0 = pid_s * v_per_split
+        v1 = tl.minimum(v0 + v_per_split, V)
+        if tl.max(scored.to(tl.int32), axis=0) > 0:
+            if pid_m == 0:
+                m0, s0, zt0, m1, s1, zt1 = row_stats_shared(
+                    h0, h1, w, y, rows, row_ok, v0, v1, H, sh0, sh1, sw, cap0, cap1, HAS_SOFTCAP,
+                    BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION)
+            if NUM_MODELS > 2:
+                if pid_m == 1:
+                    m0, s0, zt0 = row_stats(h2, w2, y, rows, row_ok, v0, v1, H2, sh2, sw2, cap2,
+                                            HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION)
+        # program 0 writes models 0 and 1, program 1 model 2
+        first = tl.where(pid_m == 0, 0, 2)
+        out = (first * num_splits + pid_s) * N + rows
+        tl.store(m_ptr + out, m0, mask=row_ok)
+        tl.store(s_ptr + out, s0, mask=row_ok)
+        tl.store(zt_ptr + out, zt0, mask=row_ok)
+        if pid_m == 0:
+            out = (num_splits + pid_s) * N + rows
+            tl.store(m_ptr + out, m1, mask=row_ok)
+            tl.store(s_ptr + out, s1, mask=row_ok)
+            tl.store(zt_ptr + out, zt1, mask=row_ok)
+
 
 # the argument types the launcher passes (sizes and strides: i32), for bench.compile_check
 SIGNATURES = {"joint.fwd": {
@@ -150,7 +197,8 @@ SIGNATURES = {"joint.fwd": {
               "zt_ptr": "*fp32", "v_per_split": "i32",
               **{f"{k}{m}": t for m in range(3)
                  for k, t in (("h", "*operand"), ("w", "*operand"), ("cap", "fp32"))}},
-    "constexprs": lambda v: {"NUM_MODELS": int(v.what.split("=")[1])}}}
+    "constexprs": lambda v: {"NUM_MODELS": int(v.what.split("=")[1].split()[0]),
+                             "SHARED_HEAD": v.what.endswith("shared")}}}
 
 
 def joint_splits(N: int, V: int, block_n: int, block_v: int, num_sms: int, M: int = 1) -> int:
@@ -160,11 +208,13 @@ def joint_splits(N: int, V: int, block_n: int, block_v: int, num_sms: int, M: in
     return max(1, min(-(-V // block_v), -(-4 * num_sms // (n_blocks * M))))
 
 
-def _launch_joint_fwd(hiddens, weights, targets, segs, S, softcaps, num_splits=None):
+def _launch_joint_fwd(hiddens, weights, targets, segs, S, softcaps, num_splits=None,
+                      shared_head=False):
     """(token log-probs, CE, lse), each (M, N) fp32, and the (M, S) fp32 sums. hiddens[m] (N, H_m)
     and weights[m] (V, H_m) as ``linear_ce.padded_operands`` makes them, all of one compute dtype;
     targets (N,) int64 (0 where not scored), segs (N,) int64. ``num_splits`` forces the
-    vocabulary split count (tests)."""
+    vocabulary split count (tests); ``shared_head``: weights[1] is weights[0], swept once for
+    both."""
     M, N, V = len(hiddens), targets.shape[0], weights[0].shape[0]
     device = targets.device
     sums = torch.zeros(M, S, device=device, dtype=torch.float32)
@@ -172,8 +222,10 @@ def _launch_joint_fwd(hiddens, weights, targets, segs, S, softcaps, num_splits=N
         lp = torch.zeros(M, 0, device=device, dtype=torch.float32)
         return lp, lp.clone(), lp.clone(), sums
     dtype = hiddens[0].dtype
-    bn, bv, bh, warps, stages = pinned_config("joint", device, dtype)
-    P = num_splits or joint_splits(N, V, bn, bv, num_sms(device), M)
+    bn, bv, bh, warps, stages = pinned_config("jointshared" if shared_head else "joint", device,
+                                              dtype)
+    programs = M - 1 if shared_head else M  # (row block, split) programs per row block
+    P = num_splits or joint_splits(N, V, bn, bv, num_sms(device), programs)
     v_per_split = triton.cdiv(triton.cdiv(V, P), bv) * bv
     P = triton.cdiv(V, v_per_split)
     args = []
@@ -182,10 +234,11 @@ def _launch_joint_fwd(hiddens, weights, targets, segs, S, softcaps, num_splits=N
         h, w = hiddens[k], weights[k]
         args += [h, w, h.shape[1], h.stride(0), w.stride(0), float(softcaps[k] or 0.0)]
     part = torch.empty(3, M, P, N, device=device, dtype=torch.float32)  # (m, s, zt) per split
-    joint_fwd_kernel[(triton.cdiv(N, bn), M, P)](
+    joint_fwd_kernel[(triton.cdiv(N, bn), programs, P)](
         *args, targets, segs, part[0], part[1], part[2], N, V, S, v_per_split, NUM_MODELS=M,
         HAS_SOFTCAP=any(c is not None for c in softcaps), BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh,
-        DOT_PRECISION=dot_precision(dtype), num_warps=warps, num_stages=stages)
+        DOT_PRECISION=dot_precision(dtype), SHARED_HEAD=shared_head, num_warps=warps,
+        num_stages=stages)
     scored = (segs >= 0) & (segs < S)
     y = torch.where(scored, targets, IGNORE_INDEX)
     ce = torch.empty(M, N, device=device, dtype=torch.float32)
@@ -210,6 +263,7 @@ class JointParams:
     backward: str                   # the trainable models' backward: "triton" | "gemm"
     filter_eps: float               # "triton" backward's gradient filter (0 = exact)
     num_splits: int | None = None   # the forward's vocabulary splits (None: as the GPU needs)
+    shared_head: bool = False       # models 0 and 1 read one head (LoRA's policy and reference)
 
 
 class TritonJoint(torch.autograd.Function):
@@ -223,13 +277,13 @@ class TritonJoint(torch.autograd.Function):
             for m in range(M):  # (N, Hp_m), (V, Hp_m): H padded as the kernels need it
                 h, w = padded_operands(tensors[2 * m], tensors[2 * m + 1], dtype)
                 hiddens.append(h)
-                weights.append(w)
+                weights.append(weights[0] if m == 1 and p.shared_head else w)
             segs = segs.long().contiguous()
             scored = segs >= 0
             _, in_range, y = target_rows(torch.where(scored, targets, IGNORE_INDEX),
                                          IGNORE_INDEX, weights[0].shape[0])
             lp, ce, lse, sums = _launch_joint_fwd(hiddens, weights, y, segs, num_segments,
-                                                  softcaps, p.num_splits)
+                                                  softcaps, p.num_splits, p.shared_head)
             # bad ids (possible only with the id check off) poison their rows and all the sums
             bad = (scored & ~in_range) | (segs >= num_segments)
             lp = torch.where(bad, float("nan"), lp)
@@ -269,12 +323,21 @@ class TritonJoint(torch.autograd.Function):
         return (None, None, None, *grads)
 
 
+def same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors are views of the same memory with the same layout (a detached copy of
+    a head is still its head)."""
+    return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+            and a.dtype == b.dtype and a.device == b.device)
+
+
 def joint_logprobs_triton(hiddens, weights, targets, segment_ids, num_segments, *, softcaps=None,
                           requires_grad=None, return_token_logprobs=False, num_splits=None,
-                          backward="auto", filter_eps=None):
+                          backward="auto", filter_eps=None, shared_head=True):
     """The single-launch Triton forward (see the module docstring): CUDA tensors, or CPU tensors
-    under TRITON_INTERPRET=1; up to three models. ``num_splits`` forces the vocabulary split
-    count; ``backward`` the trainable models' backward ("triton" | "gemm"; "auto": what
+    under TRITON_INTERPRET=1; up to three models. When models 0 and 1 have one head (the same
+    tensor: LoRA's policy and its adapters-off reference), each tile of it is read once for both
+    (``shared_head=False`` reads it twice, for comparison). ``num_splits`` forces the vocabulary
+    split count; ``backward`` the trainable models' backward ("triton" | "gemm"; "auto": what
     linear_cross_entropy's "auto" would run on CUDA, "triton" under the interpreter);
     ``filter_eps`` the "triton" backward's gradient filter."""
     _check(hiddens, weights, targets, segment_ids, num_segments, softcaps, requires_grad)
@@ -287,6 +350,7 @@ def joint_logprobs_triton(hiddens, weights, targets, segment_ids, num_segments, 
         requires_grad = [h.requires_grad or w.requires_grad for h, w in zip(hiddens, weights)]
     dtype = compute_dtype(*hiddens, *weights)
     dot_precision(dtype)  # a clear error for float64
+    shared = M >= 2 and same_tensor(weights[0], weights[1]) and hiddens[0].shape == hiddens[1].shape
     tensors = []
     for h, w, g in zip(hiddens, weights, requires_grad):
         tensors += [h, w] if g else [h.detach(), w.detach()]
@@ -297,7 +361,8 @@ def joint_logprobs_triton(hiddens, weights, targets, segment_ids, num_segments, 
         backward = ("triton" if not trainable or not targets.is_cuda
                     else auto_backend(hiddens[trainable[0]], weights[trainable[0]]))
     params = JointParams(num_segments, tuple(softcaps), tuple(requires_grad), dtype, backward,
-                         default_filter_eps(dtype, filter_eps), num_splits)
+                         default_filter_eps(dtype, filter_eps), num_splits,
+                         shared_head=shared and shared_head)
     sums, lp = TritonJoint.apply(targets, segment_ids, params, *tensors)
     counts = _segment_counts(segment_ids, num_segments)
     return (sums, counts, lp) if return_token_logprobs else (sums, counts)

@@ -89,6 +89,44 @@ if HAS_TRITON:
         return m, s, zt
 
 
+if HAS_TRITON:
+
+    @triton.jit
+    def row_stats_shared(h0_ptr, h1_ptr, w_ptr, y, rows, row_ok, v_start, v_end, H, stride_h0,
+                         stride_h1, stride_w, cap0, cap1, HAS_SOFTCAP: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                         DOT_PRECISION: tl.constexpr):
+        # ``row_stats`` of two hidden states against one head (LoRA's policy and its
+        # adapters-off reference): each (BLOCK_V, BLOCK_H) tile of the head is loaded once and
+        # multiplied with both row blocks
+        m0 = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+        s0 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        zt0 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        m1, s1, zt1 = m0, s0, zt0
+        for v0 in range(v_start, v_end, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            col_ok = cols < v_end
+            acc0 = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+            acc1 = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+            for k0 in range(0, H, BLOCK_H):
+                hk = k0 + tl.arange(0, BLOCK_H)
+                b = tl.load(w_ptr + cols[:, None].to(tl.int64) * stride_w + hk[None, :],
+                            mask=col_ok[:, None], other=0.0)
+                a0 = tl.load(h0_ptr + rows[:, None].to(tl.int64) * stride_h0 + hk[None, :],
+                             mask=row_ok[:, None], other=0.0)
+                a1 = tl.load(h1_ptr + rows[:, None].to(tl.int64) * stride_h1 + hk[None, :],
+                             mask=row_ok[:, None], other=0.0)
+                bt = tl.trans(b)
+                acc0 = tl.dot(a0, bt, acc0, input_precision=DOT_PRECISION)
+                acc1 = tl.dot(a1, bt, acc1, input_precision=DOT_PRECISION)
+            is_target = cols[None, :] == y[:, None]
+            z0 = tl.where(col_ok[None, :], apply_softcap(acc0, cap0, HAS_SOFTCAP), float("-inf"))
+            m0, s0, zt0 = fold_stats(z0, is_target, m0, s0, zt0)
+            z1 = tl.where(col_ok[None, :], apply_softcap(acc1, cap1, HAS_SOFTCAP), float("-inf"))
+            m1, s1, zt1 = fold_stats(z1, is_target, m1, s1, zt1)
+        return m0, s0, zt0, m1, s1, zt1
+
+
 def merge_stats(m, s, zt, targets, ignore_index, V):
     """Per-row (CE, lse, target logit), each (N,) fp32, from the (max, off-target sum-exp, target
     logit) of P vocabulary parts, each (P, N): M = max_p m_p, S = sum_p s_p exp(m_p - M) and

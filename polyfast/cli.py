@@ -22,6 +22,14 @@ from collections import defaultdict
 from .errors import Interrupted, PolyfastError
 
 
+def _file_and_overrides(path: str | None, overrides) -> tuple[str | None, list[str]]:
+    """A CONFIG argument that is a ``key=value`` (and no file of that name) is the first
+    override of the defaults."""
+    if path is not None and "=" in path and not os.path.exists(path):
+        return None, [path, *overrides]
+    return path, list(overrides)
+
+
 def _overrides(args) -> list[str]:
     return list(args.overrides) + (["train.overwrite=true"] if args.overwrite else [])
 
@@ -45,7 +53,8 @@ def _train(args, kind: str) -> int:
     typos fail fast), the run directory's lock, the trainer, its run and a summary."""
     from .config import HDPOConfig, SFTConfig, load_config
 
-    cfg = load_config(SFTConfig if kind == "sft" else HDPOConfig, args.config, _overrides(args))
+    path, overrides = _file_and_overrides(args.config, _overrides(args))
+    cfg = load_config(SFTConfig if kind == "sft" else HDPOConfig, path, overrides)
     from .train.rundir import check_unlocked
 
     check_unlocked(cfg.run_dir)  # refuse before loading data and model, not after
@@ -315,9 +324,7 @@ def _cmd_data_stats(args) -> int:
 def _cmd_config(args) -> int:
     from .config import CONFIGS, load_config, show_config
 
-    path, overrides = args.file, list(args.overrides)
-    if path is not None and "=" in path and not os.path.exists(path):  # an override, no file
-        path, overrides = None, [path] + overrides
+    path, overrides = _file_and_overrides(args.file, args.overrides)
     print(show_config(CONFIGS[args.kind], load_config(CONFIGS[args.kind], path, overrides)), end="")
     return 0
 
@@ -334,13 +341,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     sft = sub.add_parser("sft", help="Bucket-Aware SFT from a YAML config")
-    sft.add_argument("config")
+    sft.add_argument("config", nargs="?", default=None,
+                     help="a YAML config; without it, the defaults (config show sft)")
     sft.add_argument("overrides", nargs="*", help="key.path=value")
     sft.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     sft.set_defaults(func=lambda args: _train(args, "sft"))
 
     hdpo = sub.add_parser("hdpo", help="HDPO from a Bucket-SFT checkpoint and a pairs file")
-    hdpo.add_argument("config")
+    hdpo.add_argument("config", nargs="?", default=None,
+                      help="a YAML config; without it, the defaults (config show hdpo)")
     hdpo.add_argument("overrides", nargs="*", help="key.path=value")
     hdpo.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     hdpo.set_defaults(func=lambda args: _train(args, "hdpo"))

@@ -76,6 +76,25 @@ class TinyModelConfig:
         "max_position_embeddings", "vocab_size")}
 
 
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters on the trunk's linear layers (peft's LoRA): W x + (alpha / r) B A x."""
+    r: int = knob(16, "rank of each adapter")
+    alpha: float = knob(32.0, "scale numerator: the update is (alpha / r) B A")
+    dropout: float = knob(0.0, "dropout on the adapters' input")
+    target_modules: list[str] = knob(factory=lambda: list(LORA_TARGETS),
+                                     help="the trunk's linear layers that get adapters, by name")
+    export: Literal["adapter", "merged", "both"] = knob(
+        "adapter",
+        "final/: the peft adapter (small; its base stays where it is), merged (a plain model), "
+        "or both (the adapter, and the merged model in final/merged)")
+
+    LIMITS: ClassVar[dict] = {"r": AT_LEAST_1, "alpha": POSITIVE, "dropout": Range(0, 1, hi_open=True)}
+
+
 @dataclass
 class ModelConfig:
     path: str | None = knob(None,
@@ -97,7 +116,10 @@ class ModelConfig:
     liger: bool = knob(False, "Liger-Kernel's RMSNorm and SwiGLU/GEGLU modules (CUDA)")
     compile: bool = knob(False, "torch.compile each decoder layer")
     trust_remote_code: bool = knob(False, "allow model code shipped with the checkpoint")
-
+    lora: LoraConfig | None = knob(
+        None,
+        "LoRA adapters through peft, e.g. {r: 16, alpha: 32}: only the adapters train (HDPO's "
+        "reference is the model with them switched off); null: full fine-tuning")
 
 
 @dataclass
@@ -167,10 +189,13 @@ class TrainConfig:
     max_skipped_steps: int = knob(10,
                                   "with nonfinite: skip, stop after more skipped steps than this")
     progress: bool = knob(True, "progress bars")
-    report_to: list[Literal["tensorboard"]] = knob(
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = knob(
         factory=list,
-        help="extra metric sinks beside metrics.jsonl: [tensorboard] (needs pip install "
-             "polyfast[tensorboard]); events under run_dir/tensorboard")
+        help="experiment trackers beside metrics.jsonl: tensorboard, wandb, mlflow, trackio "
+             "(each pip install polyfast[NAME]); tensorboard writes under run_dir/tensorboard")
+    run_name: str | None = knob(None, "the run's name in the trackers; null: run_dir's name")
+    project: str = knob("polyfast",
+                        "the trackers' project (wandb, trackio) or experiment (mlflow)")
 
     LIMITS: ClassVar[dict] = {
         "epochs": POSITIVE, "max_steps": AT_LEAST_1, "grad_accum": AT_LEAST_1, "lr": NON_NEGATIVE,
@@ -211,10 +236,11 @@ def _convert(value: Any, tp, key: str):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # Optional[X]: X's own error, with its own key
+            return _convert(value, options[0], key)
         errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
+        for arg in options:
             try:
                 return _convert(value, arg, key)
             except ConfigError as e:

@@ -101,9 +101,13 @@ def check_model_dir(path: str, key: str) -> None:
 
 def load_pretrained(path: str, key: str, **kwargs):
     """``AutoModelForCausalLM.from_pretrained`` from a checked local directory (safetensors only);
-    a failure is a ConfigError naming ``key`` and the directory."""
+    a failure is a ConfigError naming ``key`` and the directory. A LoRA adapter directory (polyfast's
+    ``model.lora.export: adapter``) is loaded onto its base and merged (``lora.load_adapter``)."""
     from transformers import AutoModelForCausalLM
 
+    from . import lora
+    if os.path.isdir(path) and lora.is_adapter_dir(path):
+        return lora.load_adapter(path, key, load_pretrained, **kwargs)
     check_model_dir(path, key)
     try:
         return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, **kwargs)
@@ -115,8 +119,9 @@ def load_pretrained(path: str, key: str, **kwargs):
 def load_model(cfg: ModelConfig, tokenizer, *, packed: bool = True, seed: int = 0,
                device: torch.device | None = None):
     """The causal LM: from ``cfg.path`` (safetensors only) or randomly initialised from ``cfg.tiny``,
-    on ``device`` (default: left on the CPU), with the GPU path's options of ``cfg`` applied
-    (Liger modules, activation checkpointing, compiled decoder layers).
+    on ``device`` (default: left on the CPU), with the options of ``cfg`` applied (Liger modules,
+    LoRA adapters (``lora.add_adapters``: the model itself comes back, with peft's layers in it),
+    activation checkpointing, compiled decoder layers).
 
     ``packed`` selects polyfast's varlen attention (packed batches); False selects SDPA with
     padding masks (the ``packing: none`` baseline and generation).
@@ -142,6 +147,10 @@ def load_model(cfg: ModelConfig, tokenizer, *, packed: bool = True, seed: int = 
             raise ConfigError("model.liger", "Liger-Kernel's modules are Triton kernels for CUDA; "
                               f"this run is on {device or 'cpu'}")
         use_liger_modules(model)
+    if cfg.lora is not None:  # adapters before the layers are wrapped or compiled
+        from .lora import add_adapters
+        torch.manual_seed(seed)  # A's random init: the same on every rank and every run
+        add_adapters(model, cfg.lora)
     if device is not None:
         model = model.to(device)
     if cfg.activation_checkpointing:

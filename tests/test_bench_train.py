@@ -14,16 +14,16 @@ def _args(**over):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", bench.MODES)
+@pytest.mark.parametrize("mode", bench.MODES + bench.LORA_MODES)
 def test_each_mode_runs_a_step_and_counts_real_tokens(mode):
     row = bench.run_one(mode, _args())
     assert (row["mode"], row["impl"]) == tuple(mode.split(":"))
     assert row["tokens"] > 0 and row["tokens_per_s"] > 0 and row["peak_mb"] > 0
     # a step holds whole examples (pairs: both sides), at most a pack's worth for polyfast
-    if row["impl"] in ("polyfast", "unshared"):
+    if row["impl"] in ("polyfast", "unshared", "lora"):
         assert row["computed_tokens"] <= 1024
     # HDPO credits pair tokens (the prompt once per side): prefix sharing computes fewer
-    if mode == "hdpo:polyfast":
+    if mode in ("hdpo:polyfast", "hdpo:lora"):
         assert row["computed_tokens"] < row["tokens"]
     else:
         assert row["computed_tokens"] == row["tokens"]
@@ -84,6 +84,22 @@ def test_the_gpu_model_has_qwen25_15b_shape():
     n = sum(p.numel() for p in model.parameters())
     assert round(n / 1e9, 2) == 1.54  # Qwen2.5-1.5B: 1.54B parameters, 1.31B without embeddings
     assert round((n - model.model.embed_tokens.weight.numel()) / 1e9, 2) == 1.31
+
+
+def test_the_7b_model_has_qwen25_7b_shape_and_lora_trains_a_sliver_of_it():
+    from transformers import AutoModelForCausalLM
+
+    from polyfast.config import LoraConfig, TinyModelConfig
+    from polyfast.data import byte_tokenizer
+    from polyfast.lora import add_adapters, trainable_count
+    from polyfast.model import tiny_config
+    cfg = tiny_config(TinyModelConfig(**bench.MODELS["qwen2.5-7b"]), byte_tokenizer())
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+        assert round(sum(p.numel() for p in model.parameters()) / 1e9, 2) == 7.62  # Qwen2.5-7B
+        add_adapters(model, LoraConfig(r=16))
+    trains, total = trainable_count(model)
+    assert trains == 28 * 16 * (2 * 3584 + 2 * 3584 + 2 * (3584 + 512) + 3 * (3584 + 18944))
 
 
 def test_peak_flops_by_device_name():

@@ -85,7 +85,9 @@ def two_process_run(tmp_path_factory, sft_export):
     ("sft", SAVE),
     ("hdpo", None),  # reference replicated on each rank
     ("hdpo", {"hdpo.frozen": "shard", "hdpo.distance": "lm"}),  # reference and LM critic sharded
-], ids=["sft", "hdpo", "hdpo-sharded-frozen"])
+    ("sft", {**SAVE, "model.lora.r": 4}),  # LoRA: frozen base and adapters in one FSDP2 unit
+    ("hdpo", {"model.lora.r": 4, "hdpo.distance": "lm"}),  # the reference: adapters off
+], ids=["sft", "hdpo", "hdpo-sharded-frozen", "sft-lora", "hdpo-lora"])
 def test_two_processes_match_one(kind, over, tmp_path, sft_export, two_process_run):
     # one process with 2 packs per step, as 2 ranks with 1 each (hdpo.frozen means nothing there)
     one = _trainer(kind, str(tmp_path / "one"), 2, sft_export, over)
@@ -96,10 +98,11 @@ def test_two_processes_match_one(kind, over, tmp_path, sft_export, two_process_r
     assert sorted(got) == sorted(expected) == list(range(1, STEPS + 1))
     for step in expected:
         assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), (step, got, expected)
-    # the export gathered on rank 0 loads and equals the single-process model's
-    from transformers import AutoModelForCausalLM
-    m1 = AutoModelForCausalLM.from_pretrained(os.path.join(one.cfg.run_dir, "final"))
-    m2 = AutoModelForCausalLM.from_pretrained(os.path.join(two, "final"))
+    # the export gathered on rank 0 loads and equals the single-process model's (with LoRA: the
+    # adapter, merged into its base on load)
+    from polyfast.model import load_pretrained
+    m1 = load_pretrained(os.path.join(one.cfg.run_dir, "final"), "one")
+    m2 = load_pretrained(os.path.join(two, "final"), "two")
     for (n, p1), p2 in zip(m1.state_dict().items(), m2.state_dict().values()):
         assert (p1 - p2).abs().max() <= 1e-5 * max(p1.abs().max(), 1e-6) + 1e-7, n
 

@@ -125,3 +125,47 @@ def test_triton_token_logprobs_carry_gradients_too():
         (sums.sum() * 0.5 + (tok ** 2).sum()).backward()
         grads.append(hh.grad.cpu())
     assert_close(grads[0], grads[1], 1e-5, "d_hidden through sums and token log-probs")
+
+
+@pytest.mark.parametrize("M", [2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_triton_shared_head_sweeps_it_once_for_policy_and_reference(M, dtype, monkeypatch):
+    """LoRA: the policy and its adapters-off reference read one frozen head (the same tensor);
+    the launch sweeps it once for both, with the oracle's sums and the policy's d_hidden."""
+    import importlib
+    jl = importlib.import_module("polyfast.kernels.joint_logprobs")
+    launches = []
+    real = jl._launch_joint_fwd
+
+    def spy(*args, **kwargs):
+        launches.append(args[-1] if len(args) > 7 else kwargs.get("shared_head", False))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(jl, "_launch_joint_fwd", spy)
+    g = torch.Generator().manual_seed(30 + M)
+    N, V, S, H = 39, 67, 6, 24
+    head = (torch.randn(V, H, generator=g, dtype=torch.float64) / H ** 0.5).to(dtype).double()
+    hiddens = [torch.randn(N, H, generator=g, dtype=torch.float64).to(dtype).double()
+               for _ in range(M)]
+    weights = [head, head, (torch.randn(V, H, generator=g) / H ** 0.5).to(dtype).double()][:M]
+    softcaps = [None, None, 5.0][:M]
+    targets = torch.randint(0, V, (N,), generator=g)
+    segs = torch.sort(torch.randint(-1, S, (N,), generator=g)).values
+    frozen = head.to(DEVICE, dtype)  # one tensor, no gradient: LoRA's frozen head
+    ws = [frozen, frozen, weights[-1].to(DEVICE, dtype)][:M]
+    out = {}
+    for shared in (True, False):
+        hs = [h.to(DEVICE, dtype).requires_grad_(m == 0) for m, h in enumerate(hiddens)]
+        sums, _ = jl.joint_logprobs_triton(hs, ws, targets.to(DEVICE), segs.to(DEVICE), S,
+                                           softcaps=softcaps, requires_grad=[True] + [False] * (M - 1),
+                                           shared_head=shared, filter_eps=0.0)
+        sums[0].sum().backward()
+        out[shared] = sums.detach().cpu(), hs[0].grad.cpu()
+    assert launches == [True, False]
+    ref_h = [h.clone().requires_grad_(m == 0) for m, h in enumerate(hiddens)]
+    ref = _oracle(ref_h, weights, targets, segs, S, softcaps)
+    ref[0].sum().backward()
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    for shared in (True, False):
+        assert_close(out[shared][0], ref.detach(), tol, f"sums (shared head: {shared})")
+        assert_close(out[shared][1], ref_h[0].grad, tol, f"d_hidden (shared head: {shared})")
+    assert frozen.grad is None

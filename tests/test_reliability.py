@@ -15,10 +15,11 @@ from test_sft import sft_data
 from polyfast.cli import main
 from polyfast.config import HDPOConfig, SFTConfig, load_config
 from polyfast.data import byte_tokenizer, load_pairs, load_records
-from polyfast.errors import ConfigError, DataError, Interrupted, NonFiniteError, RunError
+from polyfast.errors import ConfigError, DataError, NonFiniteError, RunError
 from polyfast.train import checkpoint as ckpt_mod
 from polyfast.train.guard import NonFiniteGuard
 from polyfast.train.sft import SFTTrainer
+from tests.utils import killed_at
 
 TINY = {"model.tiny.hidden_size": 32, "model.tiny.num_layers": 1, "model.tiny.num_heads": 2,
         "model.tiny.num_kv_heads": 1, "model.tiny.intermediate_size": 64, "train.progress": False,
@@ -199,15 +200,7 @@ def run_with_checkpoints(tmp_path):
     """A run killed after step 5, with checkpoints at steps 2 and 4 (and metrics rows to 5)."""
     tr = _trainer(tmp_path / "run", **{"train.max_steps": 8, "train.save_every": 2,
                                        "train.checkpoint_hf": False, "train.keep_checkpoints": 3})
-    real = tr.train_step
-
-    def die_after_five(packs):
-        if tr.step == 5:
-            raise KeyboardInterrupt
-        return real(packs)
-    tr.train_step = die_after_five
-    with pytest.raises(Interrupted):
-        tr.fit()
+    killed_at(tr, 5)
     ckpts = ckpt_mod.list_checkpoints(tr.cfg.run_dir)
     assert [os.path.basename(c) for c in ckpts] == ["step_000002", "step_000004"]
     return tr.cfg.run_dir, ckpts

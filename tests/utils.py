@@ -37,3 +37,19 @@ def step_under_cuda_autocast(trainer, monkeypatch):
                         lambda h, w, c: seen.append((h.dtype, w.dtype)) or real(h, w, c))
     out = trainer.forward_backward(trainer.step_packs(0)[:1])
     return out, seen
+
+
+def killed_at(trainer, step: int) -> None:
+    """``trainer.fit()`` stopped as by Ctrl-C when it reaches ``step`` (after that many steps)."""
+    import pytest
+
+    from polyfast.errors import Interrupted
+    real = trainer.train_step
+
+    def die(packs):
+        if trainer.step == step:
+            raise KeyboardInterrupt
+        return real(packs)
+    trainer.train_step = die
+    with pytest.raises(Interrupted):
+        trainer.fit()

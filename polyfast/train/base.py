@@ -30,12 +30,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..config import save_config
+from ..config import save_config, to_dict
 from ..errors import ConfigError, Interrupted, NonFiniteError, RunError
 from ..model import TrunkHead, autocast_context, resolve_device, set_tf32
 from . import rundir
-from .checkpoint import (CheckpointUnreadable, export_bytes, export_pretrained, list_checkpoints,
-                         load_checkpoint, save_checkpoint, trainer_state)
+from ..lora import add_adapters
+from .checkpoint import (CheckpointUnreadable, export_bytes, export_lora, export_pretrained,
+                         list_checkpoints, load_checkpoint, lora_export_bytes, save_checkpoint,
+                         trainer_state)
 from .distributed import (DistInfo, agree, all_reduce_sum, full_state_dict, init_distributed,
                           shard_model)
 from .guard import BadStep, NonFiniteGuard, first_nonfinite
@@ -208,7 +210,14 @@ class Trainer:
                                                 **self.identity()},
                                keep=self.cfg.train.keep_checkpoints,
                                also=(lambda tmp: self.export(os.path.join(tmp, "hf"))) if hf else None,
-                               also_sizes=export_bytes(self.model, self.tokenizer) if hf else ())
+                               also_sizes=self._export_sizes() if hf else (),
+                               trainable_only=self.cfg.model.lora is not None)
+
+    def _export_sizes(self) -> list[int]:
+        lora = self.cfg.model.lora
+        if lora is None:
+            return export_bytes(self.model, self.tokenizer)
+        return lora_export_bytes(self.model, self.tokenizer, lora.export, self.cfg.model.path)
 
     def _check_state(self, path: str, state: dict) -> None:
         """Refuse a checkpoint of another run, or one whose steps hold other packs."""
@@ -239,7 +248,8 @@ class Trainer:
         for path in reversed(ckpts):
             try:
                 self._check_state(path, trainer_state(path))
-                state = load_checkpoint(path, self.runner, self.optimizer, self.scheduler)
+                state = load_checkpoint(path, self.runner, self.optimizer, self.scheduler,
+                                        trainable_only=self.cfg.model.lora is not None)
             except CheckpointUnreadable as e:
                 failures.append(f"{os.path.basename(path)}: {e}")
                 log.warning("checkpoint %s cannot be loaded (%s); trying the one before it", path, e)
@@ -263,8 +273,10 @@ class Trainer:
                 random.seed(self.cfg.seed)
                 np.random.seed(self.cfg.seed)
                 torch.manual_seed(self.cfg.seed)
+            t = self.cfg.train
             metrics = MetricsLog(self.cfg.run_dir, resume_step=self.step if resumed else None,
-                                 enabled=self.dist.main, report_to=self.cfg.train.report_to)
+                                 enabled=self.dist.main, report_to=t.report_to,
+                                 run_name=t.run_name, project=t.project, config=to_dict(self.cfg))
             try:
                 eval_before = self._begin(metrics, resumed)
                 bar = tqdm(total=self.total_steps, initial=self.step, desc=self.name, unit="step",
@@ -393,14 +405,23 @@ class Trainer:
         return ""
 
     def export(self, out_dir: str) -> str:
-        """save_pretrained + tokenizer; a sharded policy is gathered and written by rank 0."""
+        """save_pretrained + tokenizer (with LoRA, what ``model.lora.export`` says); a sharded
+        policy is gathered and written by rank 0."""
         if not self.dist.enabled:
-            return export_pretrained(self.model, self.tokenizer, out_dir)
+            return self._export_local(self.model, out_dir)
         sd = full_state_dict(self.runner, self.dist)
         if self.dist.main:
             from transformers import AutoModelForCausalLM
             plain = AutoModelForCausalLM.from_config(self.model.config)
+            if self.cfg.model.lora is not None:  # the same adapters, to hold the gathered ones
+                add_adapters(plain, self.cfg.model.lora)
             plain.load_state_dict({k.removeprefix("lm."): v for k, v in sd.items()})
-            export_pretrained(plain, self.tokenizer, out_dir)
+            self._export_local(plain, out_dir)
         torch.distributed.barrier()
         return out_dir
+
+    def _export_local(self, model, out_dir: str) -> str:
+        lora = self.cfg.model.lora
+        if lora is None:
+            return export_pretrained(model, self.tokenizer, out_dir)
+        return export_lora(model, self.tokenizer, out_dir, lora.export, base=self.cfg.model.path)

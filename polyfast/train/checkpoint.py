@@ -52,8 +52,10 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict,
+                                                     set_state_dict)
 
+from .. import lora
 from ..errors import DataError, RunError
 from ..files import read_json
 from .dcp_metadata import MetadataRefused, read_metadata
@@ -216,12 +218,18 @@ def export_bytes(model, tokenizer) -> list[int]:
     sizes = [_DIRECTORY, weights + header, len(model.config.to_json_string()) + 64]
     if getattr(model, "generation_config", None) is not None:
         sizes.append(len(model.generation_config.to_json_string()) + 64)
+    return sizes + tokenizer_bytes(tokenizer)
+
+
+def tokenizer_bytes(tokenizer) -> list[int]:
+    """The sizes of the files ``tokenizer.save_pretrained`` writes: its tokenizer.json, chat
+    template and configs."""
+    sizes = []
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         sizes.append(int(len(backend.to_str(pretty=True).encode()) * 1.05))
     template = getattr(tokenizer, "chat_template", None)
-    sizes += [len(template.encode()) if isinstance(template, str) else 0, 4096, 4096]
-    return sizes
+    return sizes + [len(template.encode()) if isinstance(template, str) else 0, 4096, 4096]
 
 
 def _disk_full(exc: BaseException) -> bool:
@@ -307,15 +315,31 @@ def single_process_quiet():
         yield
 
 
+def _state(model, optimizer, trainable_only: bool) -> tuple[dict, dict, StateDictOptions]:
+    """(model state, optimizer state, the options to load them back with). ``trainable_only``
+    (LoRA): the frozen base comes from model.path (or the seed) again, so only the parameters
+    that train are kept (a tied embedding that torch's ``ignore_frozen_params`` still lists under
+    the head's name included)."""
+    options = StateDictOptions(ignore_frozen_params=trainable_only, strict=not trainable_only)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
+    if trainable_only:
+        trains = {name for name, p in model.named_parameters(remove_duplicate=False)
+                  if p.requires_grad}
+        model_sd = {k: v for k, v in model_sd.items() if k in trains}
+    return model_sd, optim_sd, options
+
+
 def save_checkpoint(run_dir: str, step: int, model, optimizer, scheduler, extra: dict,
-                    keep: int = 2, also=None, also_sizes: Sequence[int] = ()) -> str:
+                    keep: int = 2, also=None, also_sizes: Sequence[int] = (),
+                    trainable_only: bool = False) -> str:
     """A collective under torchrun: every rank calls it with its (sharded) model and optimizer.
     ``also(tmp_dir)``, called on every rank before the rename, writes more into the checkpoint:
-    files of about ``also_sizes`` bytes, for the free-space check."""
+    files of about ``also_sizes`` bytes, for the free-space check. ``trainable_only``: the
+    parameters that train (LoRA's adapters), not the frozen ones."""
     root = os.path.join(run_dir, CKPT_DIR)
     final = os.path.join(root, f"step_{step:06d}")
     tmp = os.path.join(root, f".tmp_step_{step:06d}")
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd, _ = _state(model, optimizer, trainable_only)
     world = dist.get_world_size() if _distributed() else 1
     texts = {}
     if _main():
@@ -422,21 +446,22 @@ def load_dcp(path: str, state: dict) -> None:
         raise CheckpointUnreadable(f"its tensors do not load ({_reason(e)})") from e
 
 
-def load_checkpoint(path: str, model, optimizer, scheduler) -> dict:
+def load_checkpoint(path: str, model, optimizer, scheduler, trainable_only: bool = False) -> dict:
     """Restore model, optimizer, scheduler and RNG (into whatever sharding ``model`` has now);
     return trainer_state.json. A collective under torchrun. Raises CheckpointUnreadable (nothing
-    but the model's and optimizer's tensors is touched before everything has been read)."""
+    but the model's and optimizer's tensors is touched before everything has been read).
+    ``trainable_only`` as in ``save_checkpoint``."""
     state_json = trainer_state(path)
     if (not os.path.exists(os.path.join(path, "train_state.json"))
             and os.path.exists(os.path.join(path, "train_state.pt"))):
         raise CheckpointUnreadable("it holds a pickled train_state.pt (an older polyfast's format), "
                                    "which polyfast does not load: unpickling can run code")
     train_state = _read_json(os.path.join(path, "train_state.json"))
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd, options = _state(model, optimizer, trainable_only)
     state = {"model": model_sd, "optim": optim_sd}
     load_dcp(path, state)
     set_state_dict(model, optimizer, model_state_dict=state["model"],
-                   optim_state_dict=state["optim"])
+                   optim_state_dict=state["optim"], options=options)
     try:
         scheduler.load_state_dict(train_state["scheduler"])
         _set_rng_state(train_state["rng"])
@@ -447,19 +472,59 @@ def load_checkpoint(path: str, model, optimizer, scheduler) -> dict:
 
 def export_pretrained(model, tokenizer, out_dir: str) -> str:
     """save_pretrained + tokenizer, atomically, in a layout transformers and vLLM load as is."""
+    def write(tmp):
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    return _atomic_export(out_dir, export_bytes(model, tokenizer), write)
+
+
+def lora_export_bytes(model, tokenizer, mode: str, base: str | None) -> list[int]:
+    """The sizes of what ``export_lora`` writes: the adapter (its weights, config and the
+    tokenizer), a tiny model's base, the merged model."""
+    sizes = []
+    if mode in ("adapter", "both"):  # adapter weights (+ header), adapter_config.json, tokenizer
+        sizes += [_DIRECTORY, lora.adapter_bytes(model) + 64 * 1024, 4096, *tokenizer_bytes(tokenizer)]
+        if base is None:
+            sizes += export_bytes(model, tokenizer)
+    if mode in ("merged", "both"):
+        sizes += export_bytes(model, tokenizer)
+    return sizes
+
+
+def export_lora(model, tokenizer, out_dir: str, mode: str, base: str | None) -> str:
+    """A LoRA-trained ``model`` exported as ``mode`` says (``polyfast.lora``): ``adapter`` (the
+    peft adapter and tokenizer; with no ``base`` directory, the tiny model's base weights in
+    ``base/`` beside it), ``merged`` (a plain model), ``both`` (the adapter, and ``merged/``);
+    atomically, like ``export_pretrained``."""
+    def write(tmp):
+        if mode in ("adapter", "both"):
+            if base is None:
+                lora.plain_model(model, merge=False).save_pretrained(
+                    os.path.join(tmp, lora.BASE_DIR), safe_serialization=True)
+            lora.save_adapter(model, tmp, lora.BASE_DIR if base is None else os.path.abspath(base))
+            tokenizer.save_pretrained(tmp)
+        if mode in ("merged", "both"):
+            where = tmp if mode == "merged" else os.path.join(tmp, lora.MERGED_DIR)
+            lora.plain_model(model, merge=True).save_pretrained(where, safe_serialization=True)
+            tokenizer.save_pretrained(where)
+    return _atomic_export(out_dir, lora_export_bytes(model, tokenizer, mode, base), write)
+
+
+def _atomic_export(out_dir: str, sizes: Sequence[int], write) -> str:
+    """``write(tmp)`` into a temporary directory beside ``out_dir``, renamed into place when
+    complete; refused before writing when ``sizes`` do not fit the free space."""
     tmp = out_dir.rstrip("/") + ".tmp"
     where = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(where, exist_ok=True)  # (its free space is asked for next)
     shutil.rmtree(tmp, ignore_errors=True)
-    need = on_disk(export_bytes(model, tokenizer), _block_size(where))
+    need = on_disk(sizes, _block_size(where))
     kept = (f"the previous export {out_dir} is intact" if os.path.exists(out_dir)
             else "nothing was exported")
     free = free_bytes(where)
     if free < need:
         raise _space_error(f"the export {out_dir}", where, need, free, kept)
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        write(tmp)
     except Exception as e:
         _failed_write(e, f"the export {out_dir}", where, need, tmp, kept, "export")
         raise

@@ -7,7 +7,8 @@ groups, per bucket. One ``joint_logprobs`` call per pack gives the per-response 
 the policy, the frozen reference (unless precomputed) and the LM critic (with ``distance: lm``);
 only the policy gets a backward graph. Each pair reads its two responses' sums. The step's loss
 is ``hdpo_loss`` with the step's total pair weight and pair count, so micro-batching does not
-change it.
+change it. With LoRA (``model.lora``) the reference is the policy with its adapters switched off
+(``AdaptersOff``): the same trunk run again under no_grad, the same head tensor, no second copy.
 
 Files read back: the pairs file (``data.load_pairs``, JSON), the reference and critic models
 (``model``: safetensors), and the reference log-prob cache ``run_dir/ref_logps_*.safetensors``
@@ -17,6 +18,7 @@ warning).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -36,6 +38,7 @@ from ..data.packing import to_device
 from ..data.pairs import PreferencePair, describe_counts, usable_pairs
 from ..errors import ConfigError
 from ..kernels import joint_logprobs
+from ..lora import adapters_off, weight_files
 from ..losses import hdpo_loss
 from ..model import TrunkHead, head_weight, hidden_states, load_model, logit_softcap
 from .base import Trainer
@@ -52,9 +55,27 @@ METRICS = ("rewards_chosen", "rewards_rejected", "accuracy", "margin", "dist_reg
 
 def _frozen(model_cfg, path: str, tokenizer, device):
     """A frozen copy of a checkpoint (the reference, or the LM critic): eval mode, no grad."""
-    cfg = dataclasses.replace(model_cfg, path=path, activation_checkpointing=False)
+    cfg = dataclasses.replace(model_cfg, path=path, activation_checkpointing=False, lora=None)
     model = load_model(cfg, tokenizer, device=device)
     return model.eval().requires_grad_(False)
+
+
+@dataclass(frozen=True)
+class AdaptersOff:
+    """The reference under LoRA: the policy's own weights with its adapters switched off, so the
+    frozen start costs no second copy of the model (live or precomputed)."""
+
+    policy: torch.nn.Module
+
+
+def _module(model):
+    """The transformers model that computes for ``model`` (the policy for ``AdaptersOff``)."""
+    return model.policy if isinstance(model, AdaptersOff) else model
+
+
+def _view(model):
+    """The context ``model`` computes in: the policy's adapters off for ``AdaptersOff``."""
+    return adapters_off(model.policy) if isinstance(model, AdaptersOff) else contextlib.nullcontext()
 
 
 @dataclass
@@ -86,8 +107,10 @@ class HDPOTrainer(Trainer):
     val_pairs: list[PreferencePair]
     examples: list[GroupExample]        # the train pairs as groups (one prompt, its responses)
     val_examples: list[GroupExample]
-    reference: torch.nn.Module | None   # the frozen start; None once its log-probs are cached
-    critic: torch.nn.Module | None      # the LM critic (hdpo.distance lm), maybe the reference
+    reference: torch.nn.Module | AdaptersOff | None  # the frozen start (with LoRA the policy with
+                                        # its adapters off); None once its log-probs are cached
+    critic: torch.nn.Module | AdaptersOff | None  # the LM critic (hdpo.distance lm), maybe the
+                                        # reference
     tables: dict[str, PairTable]        # split -> per-pair weight, distances, cached ref log-probs
 
     def __init__(self, cfg: HDPOConfig, pairs: list[PreferencePair] | None = None,
@@ -104,7 +127,8 @@ class HDPOTrainer(Trainer):
         self._frozen_runners: dict[int, TrunkHead] = {}
         self.frozen_sharded = self.dist.enabled and h.frozen == "shard"
         if self.frozen_sharded:
-            frozen_models = {id(m): m for m in (self.reference, self.critic) if m is not None}
+            frozen_models = {id(m): m for m in (self.reference, self.critic)
+                             if m is not None and not isinstance(m, AdaptersOff)}
             for frozen in frozen_models.values():  # a critic that is the reference: sharded once
                 shard_model(self._runner(frozen), self.device, cfg.model.dtype == "auto")
         self.tables = {}
@@ -153,13 +177,16 @@ class HDPOTrainer(Trainer):
         self.bucket_names = sorted({p.bucket_id for p in self.pairs + self.val_pairs})
         model = load_model(cfg.model, tokenizer, seed=cfg.seed, device=self.device)
         self.softcap = logit_softcap(model)
-        self.reference = _frozen(cfg.model, cfg.model.path, tokenizer, self.device)
+        # with LoRA the policy's base weights are the start: the reference is them, adapters off
+        self.reference = (AdaptersOff(model) if cfg.model.lora is not None
+                          else _frozen(cfg.model, cfg.model.path, tokenizer, self.device))
         self.critic = None
         if h.distance == "lm":
             critic_path = h.critic_model or cfg.model.path
             # the default critic is the starting checkpoint: the reference itself, held once
             self.critic = (self.reference if critic_path == cfg.model.path
                            else _frozen(cfg.model, critic_path, tokenizer, self.device))
+            self._lm_refs = self._lm_references(tokenizer)
         return tokenizer, model
 
     # -- critic distances ---------------------------------------------------------------------
@@ -183,21 +210,25 @@ class HDPOTrainer(Trainer):
             buckets = [p.bucket_id for p in pairs]
             return (torch.tensor(refs.distance(feature_matrix(p.chosen for p in pairs), buckets)),
                     torch.tensor(refs.distance(feature_matrix(p.rejected for p in pairs), buckets)))
-        # lm: the critic's mean NLL band over the human (chosen) side of the TRAIN pairs
-        if not hasattr(self, "_lm_refs"):
-            from ..critic import response_logprobs
-            human = self._human_records([i for g in self.examples for i, _, _ in g.pairs])
-            lps = response_logprobs(self.critic, self.tokenizer, human,
-                                    system=self.cfg.data.system_prompt,
-                                    max_tokens=self.cfg.data.max_tokens // 2)
-            nll = np.array([[-x.mean()] for x in lps])
-            self._lm_refs = References.build(human, nll, ["lm_nll"], h.min_bucket_size,
-                                             h.band_floor)
+        # lm: the critic's band of the bucket (``_lm_references``, built by ``load``)
         bands = [self._lm_refs.lookup(p.bucket_id)[1] for p in pairs]
         q10 = torch.tensor([b["q10"][0] for b in bands])
         q90 = torch.tensor([b["q90"][0] for b in bands])
         scale = torch.tensor([float(self._lm_refs.scale(p.bucket_id)[0]) for p in pairs])
         return q10, q90, scale
+
+    def _lm_references(self, tokenizer) -> References:
+        """The LM critic's mean NLL band over the human (chosen) side of the TRAIN pairs. Built
+        in ``load``, before any model is sharded (with LoRA the critic is the policy itself)."""
+        from ..critic import response_logprobs
+        h = self.cfg.hdpo
+        human = self._human_records([i for g in self.examples for i, _, _ in g.pairs])
+        with torch.no_grad(), _view(self.critic):
+            lps = response_logprobs(_module(self.critic), tokenizer, human,
+                                    system=self.cfg.data.system_prompt,
+                                    max_tokens=self.cfg.data.max_tokens // 2)
+        nll = np.array([[-x.mean()] for x in lps])
+        return References.build(human, nll, ["lm_nll"], h.min_bucket_size, h.band_floor)
 
     def _human_records(self, indices):
         """The distinct human responses of these pairs (the K pairs of a record with K sampled
@@ -230,10 +261,9 @@ class HDPOTrainer(Trainer):
         digest = hashlib.sha256(b"rows by pair index")  # the layout of the cached tensor
         for g in examples:  # the log-probs depend on the tokens, not on the layout
             digest.update(repr((g.prompt, g.responses, g.pairs)).encode())
-        for name in sorted(os.listdir(self.cfg.model.path)):
-            if name.endswith(".safetensors"):
-                st = os.stat(os.path.join(self.cfg.model.path, name))
-                digest.update(f"{name}:{st.st_size}:{st.st_mtime_ns}".encode())
+        for name in weight_files(self.cfg.model.path):  # (an adapter's base too)
+            st = os.stat(name)
+            digest.update(f"{os.path.basename(name)}:{st.st_size}:{st.st_mtime_ns}".encode())
         path = os.path.join(self.cfg.run_dir, f"ref_logps_{digest.hexdigest()[:16]}.safetensors")
         if os.path.exists(path):
             try:
@@ -266,6 +296,7 @@ class HDPOTrainer(Trainer):
 
     def _runner(self, model):
         """The TrunkHead that runs ``model`` (the policy's, or a frozen model's own)."""
+        model = _module(model)
         if model is self.model:
             return self.runner
         if id(model) not in self._frozen_runners:
@@ -287,19 +318,20 @@ class HDPOTrainer(Trainer):
             def fn(first_hidden, first_weight):
                 hiddens, weights = [first_hidden.index_select(0, sc.rows)], [first_weight]
                 for m in ms[1:]:  # (inside the runner's autocast)
-                    with torch.no_grad():
-                        hiddens.append(hidden_states(m, batch).index_select(0, sc.rows))
-                    weights.append(head_weight(m))
+                    with torch.no_grad(), _view(m):
+                        hiddens.append(hidden_states(_module(m), batch).index_select(0, sc.rows))
+                    # with LoRA the reference's head is the policy's: the same tensor
+                    weights.append(head_weight(_module(m)))
                 return joint_logprobs(hiddens, weights, sc.targets, sc.segments, sc.num_segments,
-                                      softcaps=[logit_softcap(m) for m in ms], requires_grad=gs,
-                                      backend=self.cfg.hdpo.loss_backend)
+                                      softcaps=[logit_softcap(_module(m)) for m in ms],
+                                      requires_grad=gs, backend=self.cfg.hdpo.loss_backend)
             return fn
 
         groups = ([([m], [g]) for m, g in zip(models, grads)] if self.frozen_sharded
                   else [(models, grads)])
         out = []
         for ms, gs in groups:
-            with torch.set_grad_enabled(gs[0]):
+            with torch.set_grad_enabled(gs[0]), _view(ms[0]):
                 out.append(self._runner(ms[0])(batch, joint(ms, gs), self.autocast))
         if len(out) == 1:
             return (*out[0], sc)

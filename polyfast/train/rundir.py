@@ -32,8 +32,9 @@ RESUMABLE_KEYS = {
     "run_dir", "train.resume", "train.overwrite", "train.progress", "train.log_every",
     "train.eval_every", "train.save_every", "train.keep_checkpoints", "train.checkpoint_hf",
     "train.device", "train.num_threads", "train.tf32", "train.loss_backend", "train.nonfinite",
-    "train.max_skipped_steps", "train.grad_accum", "train.report_to", "model.activation_checkpointing",
-    "model.compile", "model.liger",
+    "train.max_skipped_steps", "train.grad_accum", "train.report_to", "train.run_name",
+    "train.project", "model.activation_checkpointing",
+    "model.compile", "model.liger", "model.lora.export",
     "hdpo.loss_backend", "hdpo.frozen", "data.val", "data.val_pairs", "data.test",
 }
 
@@ -146,7 +147,7 @@ def clear(run_dir: str) -> None:
     log-probs stay (they are keyed by their inputs)."""
     for name in (CKPT_DIR, "final", "final.tmp"):
         shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
-    for name in ("metrics.jsonl", "config.yaml"):
+    for name in ("metrics.jsonl", "config.yaml", "trackers.json"):
         if os.path.exists(os.path.join(run_dir, name)):
             os.remove(os.path.join(run_dir, name))
 
