@@ -111,15 +111,9 @@ def _trainable(model) -> dict:
     return {"trainable_params": trains, "params": total}
 
 def hdpo_polyfast(args, tmp, shared: bool = True, lora: bool = False):
-    import dataclasses
-
-    from polyfast.config import LoraConfig
     from polyfast.train.hdpo import HDPOTrainer
 
-    cfg = hdpo_config(args, tmp, start_checkpoint(args, tmp), shared)
-    if lora:
-        cfg.model = dataclasses.replace(cfg.model, lora=LoraConfig(r=args.lora_rank,
-                                                                   alpha=2.0 * args.lora_rank))
+    cfg = hdpo_config(args, tmp, start_checkpoint(args, tmp), shared, _lora(args) if lora else {})
     tr = HDPOTrainer(cfg, pairs=hdpo_pairs(args))
 
     def step(s):

@@ -91,7 +91,7 @@ def start_checkpoint(args, tmp) -> str:
         model = model.to(torch.bfloat16)
     return export_pretrained(model, tok, os.path.join(tmp, "start"))
 
-def hdpo_config(args, tmp, start, shared: bool = True):
+def hdpo_config(args, tmp, start, shared: bool = True, more: dict | None = None):
     from polyfast.config import HDPOConfig, load_config
     o = overrides(args)
     extra = {k: v for k, v in o.items() if k.startswith(("train.", "model.activation",
@@ -99,5 +99,5 @@ def hdpo_config(args, tmp, start, shared: bool = True):
     extra.update({"model.path": start, "run_dir": os.path.join(tmp, "hdpo"),
                   "data.max_tokens": args.max_tokens, "hdpo.distance": "feature",
                   "hdpo.reference": "live", "model.liger": args.liger,
-                  "model.compile": args.compile, "hdpo.prefix_sharing": shared})
+                  "model.compile": args.compile, "hdpo.prefix_sharing": shared, **(more or {})})
     return load_config(HDPOConfig, None, [], extra=extra)

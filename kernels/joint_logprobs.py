@@ -55,7 +55,7 @@ import torch
 
 from .checks import (IGNORE_INDEX, check_ids, compute_dtype, dot_precision, no_autocast,
                      require_fused, target_rows)
-from .configs import num_sms, pinned_config
+from .configs import num_sms, padded, pinned_config
 from .fused_bwd import default_filter_eps
 from .linear_ce import FUSED, auto_backend, linear_cross_entropy, padded_operands
 from .torch_twin import linear_ce_reference, linear_ce_torch
@@ -110,17 +110,12 @@ if HAS_TRITON:
                           DOT_PRECISION: tl.constexpr, SHARED_HEAD: tl.constexpr = False):
         # grid (row blocks, models, vocabulary splits): each program's (max, off-target sum-exp,
         # target logit) over its split, into (M, P, N) buffers. cap_m = 0: model m has no softcap.
-        # SHARED_HEAD (models 0 and 1 have one head, w0 == w1): grid (row blocks, M - 1, splits),
-        # program 0 of the second axis sweeps the head once for both, program 1 does model 2.
+        # SHARED_HEAD (models 0 and 1 have one head, w0 == w1): grid (row blocks, M - 1, splits);
+        # program 0 of the second axis sweeps the head once for models 0 and 1, program 1 does
+        # model 2.
         pid_n = tl.program_id(0)
-        pid_m = tl.program_id(1)
         pid_s = tl.program_id(2)
-        if SHARED_HEAD:
-            _joint_shared(h0, h1, w0, H0, sh0, sh1, sw0, cap0, cap1, h2, w2, H2, sh2, sw2, cap2,
-                          y_ptr, seg_ptr, m_ptr, s_ptr, zt_ptr, N, V, S, v_per_split, pid_n,
-                          pid_m, pid_s, NUM_MODELS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_H,
-                          DOT_PRECISION)
-            return
+        model = 2 * tl.program_id(1) if SHARED_HEAD else tl.program_id(1)
         num_splits = tl.num_programs(2)
         rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
@@ -130,65 +125,38 @@ if HAS_TRITON:
         m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
         s = tl.zeros((BLOCK_N,), dtype=tl.float32)
         zt = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        m1, s1, zt1 = m, s, zt  # model 1's, when program 0 sweeps a shared head for both
         if tl.max(scored.to(tl.int32), axis=0) > 0:
             v0 = pid_s * v_per_split
             v1 = tl.minimum(v0 + v_per_split, V)
-            if pid_m == 0:
-                m, s, zt = row_stats(h0, w0, y, rows, row_ok, v0, v1, H0, sh0, sw0, cap0,
-                                           HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION)
-            if NUM_MODELS > 1:
-                if pid_m == 1:
+            if model == 0:
+                if SHARED_HEAD:
+                    m, s, zt, m1, s1, zt1 = row_stats_shared(
+                        h0, h1, w0, y, rows, row_ok, v0, v1, H0, sh0, sh1, sw0, cap0, cap1,
+                        HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION)
+                else:
+                    m, s, zt = row_stats(h0, w0, y, rows, row_ok, v0, v1, H0, sh0, sw0, cap0,
+                                         HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION)
+            if NUM_MODELS > 1 and not SHARED_HEAD:
+                if model == 1:
                     m, s, zt = row_stats(h1, w1, y, rows, row_ok, v0, v1, H1, sh1, sw1,
-                                               cap1, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_H,
-                                               DOT_PRECISION)
+                                         cap1, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_H,
+                                         DOT_PRECISION)
             if NUM_MODELS > 2:
-                if pid_m == 2:
+                if model == 2:
                     m, s, zt = row_stats(h2, w2, y, rows, row_ok, v0, v1, H2, sh2, sw2,
-                                               cap2, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_H,
-                                               DOT_PRECISION)
-        out = (pid_m * num_splits + pid_s) * N + rows
+                                         cap2, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_H,
+                                         DOT_PRECISION)
+        out = (model * num_splits + pid_s) * N + rows
         tl.store(m_ptr + out, m, mask=row_ok)
         tl.store(s_ptr + out, s, mask=row_ok)
         tl.store(zt_ptr + out, zt, mask=row_ok)
-
-    @triton.jit
-    def _joint_shared(h0, h1, w, H, sh0, sh1, sw, cap0, cap1, h2, w2, H2, sh2, sw2, cap2, y_ptr,
-                      seg_ptr, m_ptr, s_ptr, zt_ptr, N, V, S, v_per_split, pid_n, pid_m, pid_s,
-                      NUM_MODELS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr):
-        # joint_fwd_kernel's SHARED_HEAD programs: models 0 and 1 in one sweep of the head
-        num_splits = tl.cdiv(V, v_per_split)
-        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ok = rows < N
-        seg = tl.load(seg_ptr + rows, mask=row_ok, other=-1)
-        y = tl.load(y_ptr + rows, mask=row_ok, other=-1)
-        scored = row_ok & (seg >= 0) & (seg < S)
-        m0 = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
-        s0 = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        zt0 = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        m1, s1, zt1 = m0, s0, zt0
-        v0 = pid_s * v_per_split
-        v1 = tl.minimum(v0 + v_per_split, V)
-        if tl.max(scored.to(tl.int32), axis=0) > 0:
-            if pid_m == 0:
-                m0, s0, zt0, m1, s1, zt1 = row_stats_shared(
-                    h0, h1, w, y, rows, row_ok, v0, v1, H, sh0, sh1, sw, cap0, cap1, HAS_SOFTCAP,
-                    BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION)
-            if NUM_MODELS > 2:
-                if pid_m == 1:
-                    m0, s0, zt0 = row_stats(h2, w2, y, rows, row_ok, v0, v1, H2, sh2, sw2, cap2,
-                                            HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION)
-        # program 0 writes models 0 and 1, program 1 model 2
-        first = tl.where(pid_m == 0, 0, 2)
-        out = (first * num_splits + pid_s) * N + rows
-        tl.store(m_ptr + out, m0, mask=row_ok)
-        tl.store(s_ptr + out, s0, mask=row_ok)
-        tl.store(zt_ptr + out, zt0, mask=row_ok)
-        if pid_m == 0:
-            out = (num_splits + pid_s) * N + rows
-            tl.store(m_ptr + out, m1, mask=row_ok)
-            tl.store(s_ptr + out, s1, mask=row_ok)
-            tl.store(zt_ptr + out, zt1, mask=row_ok)
+        if SHARED_HEAD:
+            if model == 0:
+                out = (num_splits + pid_s) * N + rows
+                tl.store(m_ptr + out, m1, mask=row_ok)
+                tl.store(s_ptr + out, s1, mask=row_ok)
+                tl.store(zt_ptr + out, zt1, mask=row_ok)
 
 
 # the argument types the launcher passes (sizes and strides: i32), for bench.compile_check
@@ -275,9 +243,12 @@ class TritonJoint(torch.autograd.Function):
         with no_autocast(targets.device.type):
             hiddens, weights = [], []
             for m in range(M):  # (N, Hp_m), (V, Hp_m): H padded as the kernels need it
-                h, w = padded_operands(tensors[2 * m], tensors[2 * m + 1], dtype)
+                if m == 1 and p.shared_head:  # model 0's head, padded once
+                    h, w = padded(tensors[2], dtype, weights[0].shape[1]), weights[0]
+                else:
+                    h, w = padded_operands(tensors[2 * m], tensors[2 * m + 1], dtype)
                 hiddens.append(h)
-                weights.append(weights[0] if m == 1 and p.shared_head else w)
+                weights.append(w)
             segs = segs.long().contiguous()
             scored = segs >= 0
             _, in_range, y = target_rows(torch.where(scored, targets, IGNORE_INDEX),
@@ -350,7 +321,7 @@ def joint_logprobs_triton(hiddens, weights, targets, segment_ids, num_segments, 
         requires_grad = [h.requires_grad or w.requires_grad for h, w in zip(hiddens, weights)]
     dtype = compute_dtype(*hiddens, *weights)
     dot_precision(dtype)  # a clear error for float64
-    shared = M >= 2 and same_tensor(weights[0], weights[1]) and hiddens[0].shape == hiddens[1].shape
+    shared = M >= 2 and same_tensor(weights[0], weights[1])  # (_check: then the H's agree too)
     tensors = []
     for h, w, g in zip(hiddens, weights, requires_grad):
         tensors += [h, w] if g else [h.detach(), w.detach()]

@@ -48,7 +48,8 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 BASE_DIR = "base"      # final/base: a tiny model's initial weights, the adapter's base
 MERGED_DIR = "merged"  # final/merged with export: both
 
-_WRAPPERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> its PeftModel
+# model -> (its PeftModel, its LoRA layers), set by add_adapters
+_WRAPPERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def linear_names(model) -> list[str]:
@@ -88,7 +89,7 @@ def add_adapters(model, cfg: LoraConfig):
     with _peft_quiet():
         wrapped = get_peft_model(model, peft_cfg)
     assert wrapped.get_base_model() is model
-    _WRAPPERS[model] = wrapped
+    _WRAPPERS[model] = wrapped, list(_lora_layers(model).values())
     return model
 
 
@@ -104,7 +105,7 @@ def _peft_quiet():
 
 def wrapper(model):
     """The PeftModel around ``model``, or None for a model without adapters."""
-    return _WRAPPERS.get(model)
+    return _WRAPPERS.get(model, (None, None))[0]
 
 
 @contextlib.contextmanager
@@ -114,7 +115,7 @@ def adapters_off(model):
     peft's own switch (``disable_adapter``) also flips the adapters' ``requires_grad``, which
     under FSDP2 mid-step loses gradients (HDPO runs the reference inside the policy's forward);
     so only the flag each LoRA layer's forward reads is set, and restored after."""
-    layers = list(_lora_layers(model).values())
+    layers = _WRAPPERS[model][1]  # (found once: HDPO switches them every pack)
     before = [layer._disable_adapters for layer in layers]
     try:
         for layer in layers:

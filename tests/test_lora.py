@@ -177,9 +177,17 @@ def test_hdpo_reference_is_the_base_model_with_adapters_off(tmp_path, base_dir):
     torch.testing.assert_close(ref, want, rtol=1e-6, atol=1e-5)
     assert (policy - want).abs().max() > 1e-2  # the adapters do change the policy
     torch.testing.assert_close(joint, torch.cat([policy, ref]), rtol=1e-6, atol=1e-5)
-    # the trainer holds one copy of the weights: no reference model beside the policy
-    assert sum(p.numel() for p in tr.model.parameters()) == sum(
-        p.numel() for m in {id(tr.model): tr.model}.values() for p in m.parameters())
+    # the trainer holds one copy of the weights: no reference model beside the policy (as full
+    # fine-tuning holds one)
+    assert _held_weights(tr) == {p.data_ptr() for p in tr.model.parameters()}
+    full = _hdpo(tmp_path / "full", base_dir, **{"model.lora": None})
+    assert _held_weights(full) > {p.data_ptr() for p in full.model.parameters()}
+
+
+def _held_weights(trainer) -> set[int]:
+    """The storage of every parameter of every model a trainer holds."""
+    models = [v for v in vars(trainer).values() if isinstance(v, torch.nn.Module)]
+    return {p.data_ptr() for m in models for p in m.parameters()}
 
 
 def test_lora_sft_then_lora_hdpo_exports_load_with_plain_peft(tmp_path, base_dir):

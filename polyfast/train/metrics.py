@@ -179,12 +179,11 @@ class TensorBoardSink(Tracker):
 
     def __init__(self, run: RunInfo, state: TrackerState):
         super().__init__(run, state)
-        self.last = {}  # purge_step below drops what the resumed run writes again
         board = _tracker_module("tensorboard", "torch.utils.tensorboard")
         self.writer = board.SummaryWriter(os.path.join(run.run_dir, "tensorboard"),
-                                    purge_step=run.resume_step)
+                                          purge_step=run.resume_step)
 
-    def write(self, row: dict) -> None:
+    def write(self, row: dict) -> None:  # every row again: purge_step dropped the replayed steps
         if row.get("event") in ("train", "eval") and "step" in row:
             self.send(dict(_scalars(row, row["event"])), row["step"])
 
