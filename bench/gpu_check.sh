@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # One prepared check for a GPU machine with PyTorch and Triton but no network (see bench/README.md):
-# the CUDA tests, the kernel benchmarks, then a slice of the end-to-end training benchmark
-# (Qwen2.5-1.5B shape, random init). Each part runs under its own time limit (GNU timeout kills
+# the CUDA tests (torchrun with NCCL among them), a profile of SFT and HDPO steps, the end-to-end
+# training benchmark (Qwen2.5-1.5B shape, random init, packs of 8192 and 16384 tokens; the model
+# switches side by side; one Qwen2.5-7B-shaped step), and the loss head's cost model calibrated
+# on this GPU beside its measured time. Each part runs under its own time limit (GNU timeout kills
 # the part's whole process group), every benchmark row is in its JSONL file as soon as it is
 # measured, and the tables are rendered from those files last, whatever failed before: at most
-# 9.6 minutes in all (the parts' limits). Optional wheels (liger-kernel, cut-cross-entropy) are installed from .whl/
-# when present. Logs and JSONL rows land in $OUT (default /tmp/polyfast-gpu-check).
+# 8.5 minutes in all (the parts' limits). Optional wheels (liger-kernel, cut-cross-entropy, peft)
+# are installed from .whl/ when present. Logs and JSONL rows land in $OUT (default
+# /tmp/polyfast-gpu-check).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/polyfast-gpu-check}
@@ -35,32 +38,38 @@ part() {
   fi
 }
 
-part tests 90 python3 -m pytest -q -rs -p no:cacheprovider tests/test_linear_ce_cuda.py \
-  tests/test_joint_logprobs_cuda.py tests/test_gpu_path_cuda.py tests/test_prefix_sharing_cuda.py
+part tests 100 python3 -m pytest -q -rs -p no:cacheprovider tests/test_linear_ce_cuda.py \
+  tests/test_joint_logprobs_cuda.py tests/test_gpu_path_cuda.py tests/test_prefix_sharing_cuda.py \
+  tests/test_distributed_cuda.py
 tail -12 "$OUT/tests.log"
-# our fused backends against Cut Cross-Entropy and Liger, the CCE comparison shape first
-part linear_ce 110 python3 -m polyfast.bench.linear_ce --grid check --out "$OUT/linear_ce.jsonl"
-# (the peaked-rows shape, measured in run 4, is left out to make room for LoRA)
-part joint_logprobs 45 python3 -m polyfast.bench.joint_logprobs --grid gpu --out "$OUT/joint_logprobs.jsonl"
-# LoRA: the policy and its adapters-off reference read one head; one sweep for both vs two vs
-# separate calls
-part joint_logprobs_lora 30 python3 -m polyfast.bench.joint_logprobs --grid gpu --lora \
-  --out "$OUT/joint_logprobs_lora.jsonl"
-part train 170 python3 -m polyfast.bench.train --model qwen2.5-1.5b --max-tokens 8192 --steps 3 \
-  --warmup 1 --modes sft:polyfast hdpo:polyfast hdpo:unshared --mode-timeout 55 \
-  --out "$OUT/train.jsonl"
-# LoRA against the full fine-tuning rows above: tokens/s and peak memory (HDPO's reference: the
-# adapters switched off), then one 7B-shaped LoRA SFT step (bf16 weights, activation checkpointing)
-part train_lora 80 python3 -m polyfast.bench.train --model qwen2.5-1.5b --max-tokens 8192 \
-  --steps 3 --warmup 1 --modes sft:lora hdpo:lora --mode-timeout 38 --out "$OUT/train.jsonl"
-part train_7b_lora 50 python3 -m polyfast.bench.train --model qwen2.5-7b --max-tokens 8192 \
-  --steps 2 --warmup 1 --modes sft:lora --activation-checkpointing --dtype bfloat16 \
-  --mode-timeout 45 --out "$OUT/train_7b.jsonl"
+# where a step's time goes, before any tuning
+part profile 70 python3 -m polyfast.bench.profile --model qwen2.5-1.5b --max-tokens 8192 \
+  --steps 2 --warmup 2 --mode-timeout 34 --out "$OUT/profile.jsonl"
+# the targets: SFT's MFU; HDPO (live reference, precomputed, without prefix sharing) against it;
+# model.liger and model.compile side by side (what "auto" should be on CUDA)
+part train 180 python3 -m polyfast.bench.train --model qwen2.5-1.5b --max-tokens 8192 --steps 3 \
+  --warmup 1 --modes sft:polyfast hdpo:polyfast hdpo:precomputed hdpo:unshared \
+  sft:polyfast+liger sft:polyfast+compile --mode-timeout 50 --out "$OUT/train.jsonl"
+part train_16k 70 python3 -m polyfast.bench.train --model qwen2.5-1.5b --max-tokens 16384 \
+  --steps 2 --warmup 1 --modes sft:polyfast hdpo:polyfast --mode-timeout 34 \
+  --out "$OUT/train_16k.jsonl"
+# one Qwen2.5-7B-shaped full fine-tuning step: bf16 weights and AdamW state, activation checkpointing
+part train_7b 55 python3 -m polyfast.bench.train --model qwen2.5-7b --max-tokens 8192 --steps 1 \
+  --warmup 1 --modes sft:polyfast --activation-checkpointing --dtype bfloat16 --mode-timeout 50 \
+  --out "$OUT/train_7b.jsonl"
+# the loss head's cost model with this GPU's measured matmul rate and bandwidth, beside the measured
+# time of both fused backends at the comparison shape
+part roofline 35 bash -c "python3 -m polyfast.bench.roofline --calibrate | tail -3 && \
+  python3 -m polyfast.bench.linear_ce --shapes 16384x2048x248320 --backends gemm triton \
+  --out '$OUT/linear_ce.jsonl'"
+tail -4 "$OUT/roofline.log"
 
 echo
-for b in linear_ce joint_logprobs joint_logprobs_lora train train_7b; do
+python3 -m polyfast.bench.profile --table "$OUT/profile.jsonl" 2>/dev/null || echo "profile: no rows"
+echo
+for b in train train_16k train_7b linear_ce; do
   if [ -s "$OUT/$b.jsonl" ]; then
-    bench=${b%_lora}
+    bench=${b%_16k}
     python3 -m "polyfast.bench.${bench%_7b}" --table "$OUT/$b.jsonl"
   else
     echo "$b: no rows"

@@ -96,6 +96,15 @@ def gemm_tflops(device: str, dtype: str) -> float:
     return 2 * n ** 3 / (r["ms"] * 1e-3) / 1e12
 
 
+def copy_tbps(device: str) -> float:
+    """The elementwise bandwidth of this device (TB/s: bytes read + written by a large copy)."""
+    n = 2**28 if device == "cuda" else 2**24  # 512 MiB of bf16 on a GPU
+    x = torch.ones(n, device=device, dtype=torch.bfloat16)
+    y = torch.empty_like(x)
+    r = measure(lambda: y.copy_(x), device, repeats=5)
+    return 2 * x.nbytes / (r["ms"] * 1e-3) / 1e12
+
+
 def one(backend: str, N: int, H: int, V: int, dtype: str, device: str, repeats: int,
         hidden_std: float = HIDDEN_STD) -> dict:
     """Measure one (backend, shape) in this process."""

@@ -5,7 +5,7 @@
     python -m polyfast.bench.train --mode hdpo --data sample --limit 600 --max-tokens 4096 --steps 0
                                   # prefix sharing: one epoch on 600 records of the authors' sample
 
-Five modes, each in a fresh process (so that peak memory is its own), same init, same data:
+Five modes (and three more on request), each in a fresh process (so that peak memory is its own), same init, same data:
 
   sft   polyfast   SFTTrainer: bucket packs of ``--max-tokens``, varlen attention, fused loss kernel
   sft   baseline   the authors' setup: one example per forward (batch of one), SDPA, the model's own
@@ -15,12 +15,18 @@ Five modes, each in a fresh process (so that peak memory is its own), same init,
   hdpo  unshared   the same with ``hdpo.prefix_sharing: false``: the prompt once per response
   hdpo  baseline   one pair per forward (chosen and rejected padded into a batch of two), full
                    logits -> log_softmax -> gather, a separate reference forward every step
+  hdpo  precomputed  hdpo:polyfast with ``hdpo.reference: precomputed``: the reference's log-probs
+                   computed once before timing (no reference forward in a step)
   sft   lora       sft:polyfast with LoRA adapters (``--lora-rank``, alpha 2r, every projection of
                    the trunk): only the adapters train
   hdpo  lora       hdpo:polyfast with LoRA: the reference is the policy with its adapters off (no
                    second copy of the weights)
 
-The LoRA modes are not in the default list (``--modes sft:lora hdpo:lora``, or ``--lora`` to add
+A polyfast mode takes the model options as suffixes, measured side by side with the plain mode:
+``sft:polyfast+liger`` (``model.liger``), ``+compile`` (``model.compile``), ``+ac`` (activation
+checkpointing), combined as ``sft:polyfast+liger+compile``.
+
+The precomputed and LoRA modes are not in the default list (``--modes sft:lora hdpo:lora``, or ``--lora`` to add
 them): their peak memory beside the full fine-tuning modes' is the point. Their FLOPs count the
 trunk's backward once (the input gradient; frozen weights get none): 2 forwards per training step.
 
@@ -30,7 +36,8 @@ distance (computed once, before timing). ``--data demo`` (default) uses the buil
 (``--scale`` copies), ``--data sample`` the authors' released sample (``$POLYFAST_SAMPLE`` or
 ``../shared/data/polyalign_sample`` beside the checkout): ``--limit`` a seeded random subset of its
 records, ``--per-bucket`` at most that many of each bucket.
-The first ``--warmup`` steps are not timed; ``--steps 0`` times one whole epoch of packs.
+The first ``--warmup`` steps are not timed (with ``+compile`` at least 3: the compiles of the first
+pack lengths); ``--steps 0`` times one whole epoch of packs.
 
 Reported: tokens/s of real tokens (no padding), step time, peak memory (CUDA: max allocated; CPU:
 the process's peak resident set, which includes the Python runtime) and MFU. HDPO tokens are pair
@@ -69,6 +76,7 @@ from .train_setup import (MODELS, fit_examples, hdpo_config, hdpo_pairs, overrid
 
 MODES = ["sft:polyfast", "sft:baseline", "hdpo:polyfast", "hdpo:unshared", "hdpo:baseline"]
 LORA_MODES = ["sft:lora", "hdpo:lora"]
+EXTRA_MODES = ["hdpo:precomputed", *LORA_MODES]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,18 +118,20 @@ def _trainable(model) -> dict:
     trains, total = trainable_count(model)
     return {"trainable_params": trains, "params": total}
 
-def hdpo_polyfast(args, tmp, shared: bool = True, lora: bool = False):
+def hdpo_polyfast(args, tmp, shared: bool = True, lora: bool = False, precomputed: bool = False):
     from polyfast.train.hdpo import HDPOTrainer
 
-    cfg = hdpo_config(args, tmp, start_checkpoint(args, tmp), shared, _lora(args) if lora else {})
-    tr = HDPOTrainer(cfg, pairs=hdpo_pairs(args))
+    more = {**(_lora(args) if lora else {}),
+            **({"hdpo.reference": "precomputed"} if precomputed else {})}
+    cfg = hdpo_config(args, tmp, start_checkpoint(args, tmp), shared, more)
+    tr = HDPOTrainer(cfg, pairs=hdpo_pairs(args))  # (a precomputed reference: before timing)
 
     def step(s):
         packs = tr.step_packs(s % tr.steps_per_epoch)
         tr.train_step(packs)
         return group_work([g for p in packs for g in p])
     per_step = tr.counts["kept"] / len(tr.packs(0)) * args.grad_accum
-    return step, tr.model.config, tr.device, 3 if lora else 4, {
+    return step, tr.model.config, tr.device, 3 if lora or precomputed else 4, {
         "pairs_per_step": per_step, "steps_per_epoch": tr.steps_per_epoch,
         "prompt_share": prompt_share(tr.examples), **_trainable(tr.model)}
 
@@ -130,15 +140,55 @@ RUNNERS = {"sft:polyfast": sft_polyfast, "sft:baseline": sft_baseline,
            "hdpo:polyfast": hdpo_polyfast,
            "hdpo:unshared": lambda args, tmp: hdpo_polyfast(args, tmp, shared=False),
            "hdpo:baseline": hdpo_baseline,
+           "hdpo:precomputed": lambda args, tmp: hdpo_polyfast(args, tmp, precomputed=True),
            "sft:lora": lambda args, tmp: sft_polyfast(args, tmp, lora=True),
            "hdpo:lora": lambda args, tmp: hdpo_polyfast(args, tmp, lora=True)}
+# a polyfast mode + options: "sft:polyfast+liger+compile" (the switch each names, for that mode)
+OPTIONS = {"liger": "liger", "compile": "compile", "ac": "activation_checkpointing"}
+
+
+def split_mode(mode: str) -> tuple[str, list[str]]:
+    """("sft:polyfast", ["liger"]) from "sft:polyfast+liger"; an unknown mode or option, or an
+    option on a baseline, is an error naming it."""
+    base, *opts = mode.split("+")
+    if base not in RUNNERS:
+        raise ValueError(f"unknown mode {base!r} (known: {', '.join(RUNNERS)})")
+    bad = [o for o in opts if o not in OPTIONS]
+    if bad:
+        raise ValueError(f"unknown option {bad[0]!r} in {mode!r} (known: {', '.join(OPTIONS)})")
+    if opts and base.endswith(":baseline"):
+        raise ValueError(f"{mode!r}: the baselines take no polyfast options")
+    return base, opts
+
+
+def mode_args(mode: str, args) -> argparse.Namespace:
+    """``args`` with the switches ``mode``'s options name turned on."""
+    _, opts = split_mode(mode)
+    return argparse.Namespace(**{**vars(args), **{OPTIONS[o]: True for o in opts}})
+
+
+def _mode(text: str) -> str:  # argparse's check of --modes
+    try:
+        split_mode(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+def compile_warmup(args) -> int:
+    """The untimed steps: ``--warmup``, and with compiled layers at least 3 (torch.compile builds
+    the first pack's static shapes, recompiles at the second length, then with dynamic ones)."""
+    return max(args.warmup, 3) if args.compile else args.warmup
+
 
 def run_one(mode: str, args) -> dict:
     """Build ``mode``, run its warm-up and timed steps (each timed alone); one result row."""
+    base, _ = split_mode(mode)
+    args = mode_args(mode, args)
     with tempfile.TemporaryDirectory(prefix="polyfast-bench-train-") as tmp:
-        step, config, device, forwards, info = RUNNERS[mode](args, tmp)
+        step, config, device, forwards, info = RUNNERS[base](args, tmp)
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        for s in range(args.warmup):
+        warmup = compile_warmup(args)
+        for s in range(warmup):
             step(s)
         sync()
         if device.type == "cuda":
@@ -146,7 +196,7 @@ def run_one(mode: str, args) -> dict:
         steps = args.steps or info["steps_per_epoch"]  # 0: one whole epoch
         flops, tokens, computed, dt = 0.0, 0, 0, 0.0
         per_bucket: dict[str, list[float]] = {}  # bucket -> [tokens, seconds]
-        for s in range(args.warmup, args.warmup + steps):
+        for s in range(warmup, warmup + steps):
             t0 = time.perf_counter()
             work = step(s)
             sync()
@@ -176,7 +226,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=sorted(MODELS), default="demo")
-    p.add_argument("--modes", nargs="*", default=MODES, choices=MODES + LORA_MODES)
+    p.add_argument("--modes", nargs="*", default=MODES, type=_mode, metavar="MODE",
+                   help=f"modes (default: {' '.join(MODES)}; also {' '.join(EXTRA_MODES)}); a "
+                        "polyfast mode takes options: +liger, +compile, +ac (activation "
+                        "checkpointing), e.g. sft:polyfast+liger")
     p.add_argument("--lora", action="store_true", help="add the LoRA modes (sft:lora, hdpo:lora)")
     p.add_argument("--lora-rank", type=int, default=16, help="the LoRA modes' rank")
     p.add_argument("--mode", choices=["sft", "hdpo"], help="only the modes of this kind")
@@ -234,8 +287,8 @@ def main(argv=None) -> int:
                "attempt": attempt,
                "data": args.data, "per_bucket": args.per_bucket if args.data == "sample" else None,
                "limit": args.limit if args.data == "sample" else None,
-               "grad_accum": args.grad_accum, "dtype": args.dtype, "activation_checkpointing":
-               args.activation_checkpointing, "liger": args.liger, "compile": args.compile,
+               "grad_accum": args.grad_accum, "dtype": args.dtype,
+               **{k: getattr(mode_args(mode, args), k) for k in OPTIONS.values()},
                **info, "mode": kind, "impl": impl, **r}
         if "error" in r:
             print(f"  {mode}: failed: {r['error']}", file=sys.stderr)

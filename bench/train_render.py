@@ -50,7 +50,9 @@ def render(rows: list[dict]) -> str:
                       r["step_ms"], r["peak_mb"],
                       f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a",
                       r["tokens_per_s"] / base if base else None])
-    flags = [f for f in ("activation_checkpointing", "liger", "compile") if info.get(f)]
+    # the switches every row ran with (a mode's own options are in its impl: polyfast+liger)
+    flags = [f for f in ("activation_checkpointing", "liger", "compile")
+             if all(r.get(f) for r in rows)]
     data = "the demo data"
     if info.get("data") == "sample":
         data = "the authors' sample" + "".join(
@@ -65,9 +67,11 @@ def render(rows: list[dict]) -> str:
     if any(r.get("mode") == "hdpo" for r in rows):
         out += ("\n\nHDPO tokens are pair tokens, the prompt counted once per side; 'computed' is "
                 "what the mode ran through the model.")
-    sft, hdpo = tps.get(("sft", "polyfast")), tps.get(("hdpo", "polyfast"))
-    if sft and hdpo:
-        out += f"\n\nHDPO / SFT tokens/s (polyfast): {hdpo / sft:.2f}"
+    sft = tps.get(("sft", "polyfast"))
+    ratios = [f"{impl} {t / sft:.2f}" for (kind, impl), t in tps.items()
+              if sft and kind == "hdpo" and impl != "baseline"]
+    if ratios:
+        out += f"\n\nHDPO / SFT tokens/s (sft:polyfast): {', '.join(ratios)}"
     shared, unshared = tps.get(("hdpo", "polyfast")), tps.get(("hdpo", "unshared"))
     if shared and unshared:
         flops = {r["impl"]: r.get("flops") for r in rows if r.get("mode") == "hdpo"}

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 
 from .data.packing import KV_INDEX
+from .phases import phase
 
 ATTN_IMPLEMENTATION = "polyfast_varlen"
 
@@ -160,6 +161,11 @@ def packed_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
                              value: torch.Tensor, attention_mask: torch.Tensor | None,
                              scaling: float | None = None, dropout: float = 0.0, **kwargs):
     """The function transformers calls in every attention layer (see the module docstring)."""
+    with phase("attention"):
+        return _packed_attention(query, key, value, scaling, dropout, **kwargs)
+
+
+def _packed_attention(query, key, value, scaling, dropout, **kwargs):
     if dropout:
         raise ValueError(f"{ATTN_IMPLEMENTATION} does not support attention dropout")
     B, Hq, T, D = query.shape

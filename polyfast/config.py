@@ -113,8 +113,12 @@ class ModelConfig:
     activation_checkpointing: bool = knob(False,
                                           "recompute each decoder layer in the backward (less "
                                           "memory)")
-    liger: bool = knob(False, "Liger-Kernel's RMSNorm and SwiGLU/GEGLU modules (CUDA)")
-    compile: bool = knob(False, "torch.compile each decoder layer")
+    liger: bool | Literal["auto"] = knob(
+        "auto", "Liger-Kernel's RMSNorm and SwiGLU/GEGLU modules (CUDA only); auto: the device's "
+                "measured default (polyfast.model.AUTO_OPTIONS)")
+    compile: bool | Literal["auto"] = knob(
+        "auto", "torch.compile each decoder layer; auto: the device's measured default "
+                "(polyfast.model.AUTO_OPTIONS)")
     trust_remote_code: bool = knob(False, "allow model code shipped with the checkpoint")
     lora: LoraConfig | None = knob(
         None,
@@ -176,7 +180,8 @@ class TrainConfig:
     device: str = knob("auto", "auto | cpu | cuda | cuda:N")
     tf32: bool = knob(False, "fp32 CUDA matmuls on TF32 tensor cores (for model.dtype float32)")
     num_threads: int | None = knob(None, "torch CPU threads; null: torch's default")
-    log_every: int = knob(1, "steps between metrics rows (each one waits for the device)")
+    log_every: int = knob(1, "steps between metrics rows (a row is written once the next step is "
+                             "queued: logging does not stall the device)")
     eval_every: int = knob(0, "steps between evaluations; 0: before and after training only")
     save_every: int = knob(0, "steps between checkpoints; 0: only the final export")
     keep_checkpoints: int = knob(2, "checkpoints kept in run_dir/checkpoints (older ones deleted)")

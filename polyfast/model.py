@@ -17,6 +17,7 @@ import torch
 from . import attention
 from .config import ModelConfig, TinyModelConfig
 from .errors import ConfigError
+from .phases import phase
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -46,6 +47,31 @@ def autocast_context(cfg: ModelConfig, device: torch.device):
     while active, so callers ask for a new one each time)."""
     dtype = autocast_dtype(cfg, device)
     return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+
+# What ``model.liger`` and ``model.compile`` set to "auto" become, per device type. A CPU keeps
+# what runs there: Liger's modules are CUDA kernels, and compiling every decoder layer costs more
+# than the short runs a CPU does save. CUDA gets the fastest correct setting of bench.train's
+# side-by-side modes on an H100 / H200 (sft:polyfast against sft:polyfast+liger and +compile,
+# bench/RESULTS.md); until a GPU run has compared them, both stay off there too.
+AUTO_OPTIONS = {"cpu": {"liger": False, "compile": False},
+                "cuda": {"liger": False, "compile": False}}
+
+
+def resolve_options(cfg: ModelConfig, device: torch.device | None, arch: str | None = None) -> dict:
+    """{"liger": bool, "compile": bool} for ``cfg`` on ``device`` (None: the CPU): an explicit
+    setting as given, "auto" from ``AUTO_OPTIONS``. "auto" never asks for what cannot run here:
+    no Liger without liger-kernel or for an architecture ``arch`` it has no modules for."""
+    kind = device.type if device is not None and device.type in AUTO_OPTIONS else "cpu"
+    out = {}
+    for key in ("liger", "compile"):
+        value = getattr(cfg, key)
+        out[key] = AUTO_OPTIONS[kind][key] if value == "auto" else value
+    if cfg.liger == "auto" and out["liger"]:
+        import importlib.util
+        out["liger"] = (importlib.util.find_spec("liger_kernel") is not None
+                        and (arch is None or arch in _LIGER))
+    return out
 
 
 def set_tf32(enabled: bool) -> None:
@@ -119,7 +145,8 @@ def load_pretrained(path: str, key: str, **kwargs):
 def load_model(cfg: ModelConfig, tokenizer, *, packed: bool = True, seed: int = 0,
                device: torch.device | None = None):
     """The causal LM: from ``cfg.path`` (safetensors only) or randomly initialised from ``cfg.tiny``,
-    on ``device`` (default: left on the CPU), with the options of ``cfg`` applied (Liger modules,
+    on ``device`` (default: left on the CPU), with the options of ``cfg`` applied ("auto" ones as
+    ``resolve_options`` makes them for the device: Liger modules,
     LoRA adapters (``lora.add_adapters``: the model itself comes back, with peft's layers in it),
     activation checkpointing, compiled decoder layers).
 
@@ -142,7 +169,8 @@ def load_model(cfg: ModelConfig, tokenizer, *, packed: bool = True, seed: int = 
     if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
         raise ConfigError("model.tokenizer", f"the tokenizer has {len(tokenizer)} tokens, the model "
                           f"only {model.get_input_embeddings().weight.shape[0]} embeddings")
-    if cfg.liger:
+    options = resolve_options(cfg, device, model.config.model_type)
+    if options["liger"]:
         if device is None or device.type != "cuda":
             raise ConfigError("model.liger", "Liger-Kernel's modules are Triton kernels for CUDA; "
                               f"this run is on {device or 'cpu'}")
@@ -159,7 +187,7 @@ def load_model(cfg: ModelConfig, tokenizer, *, packed: bool = True, seed: int = 
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    if cfg.compile:
+    if options["compile"]:
         for layer in model.model.layers:  # in place: names, parameters and hooks unchanged
             layer.compile()
     return model
@@ -243,8 +271,10 @@ class TrunkHead(torch.nn.Module):
 
     def forward(self, batch, fn, autocast=None):
         with autocast() if autocast else contextlib.nullcontext():
-            hidden = hidden_states(self.lm, batch)  # (B*T, H)
-            return fn(hidden, head_weight(self.lm))
+            with phase("forward"):
+                hidden = hidden_states(self.lm, batch)  # (B*T, H)
+            with phase("loss_head"):
+                return fn(hidden, head_weight(self.lm))
 
 
 def hidden_states(model, batch) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """CUDA-only checks of the GPU model path: Liger modules compute the same step, a training step
-(SFT and HDPO) makes no host sync, and a NaN step is skipped on the device without one. Skipped
-without a GPU."""
+(SFT and HDPO) makes no host sync, a train row reaches the host without one, and a NaN step is
+skipped on the device without one. Skipped without a GPU."""
 
 import pytest
 import torch
@@ -76,3 +76,20 @@ def test_a_nan_step_is_skipped_on_the_device_and_reported_after_the_fact():
     assert [b.step for b in found] == [4] and found[0].loss != found[0].loss  # NaN
     assert torch.equal(before, after)  # step 4 changed nothing
     assert int(opt.state[p]["step"]) == 5 and torch.isfinite(p).all()
+
+
+def test_a_train_row_travels_to_the_host_without_a_sync():
+    """What lets fit() log every step without stalling the device: the row's tensors are copied
+    behind the step's work into pinned memory, and only their own event is waited on."""
+    from polyfast.train.base import _to_host
+    out = {"loss": torch.randn((), device="cuda"), "bucket_sum": torch.randn(5, device="cuda"),
+           "buckets": ["a", "b"]}
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        host, landed = _to_host(out, torch.device("cuda"))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    landed.synchronize()
+    assert host["loss"].device.type == "cpu" and host["loss"].is_pinned()
+    assert torch.equal(host["bucket_sum"], out["bucket_sum"].cpu()) and host["buckets"] == ["a", "b"]

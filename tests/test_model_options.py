@@ -66,3 +66,31 @@ def test_tiny_vocab_size_gives_a_real_models_embedding_shape():
     cfg.tiny.vocab_size = 10
     with pytest.raises(ConfigError, match="model.tiny.vocab_size"):
         load_model(cfg, tok)
+
+
+def test_auto_options_follow_the_device_table(monkeypatch):
+    """model.liger / model.compile "auto": the device's entry of AUTO_OPTIONS; explicit values
+    win; auto never asks for Liger where it cannot run."""
+    from polyfast import model as m
+    from polyfast.config import ModelConfig
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    auto = ModelConfig()
+    assert (auto.liger, auto.compile) == ("auto", "auto")
+    assert m.resolve_options(auto, cpu) == {"liger": False, "compile": False}
+    assert m.resolve_options(ModelConfig(liger=True, compile=True), cpu) == {"liger": True,
+                                                                           "compile": True}
+    monkeypatch.setitem(m.AUTO_OPTIONS, "cuda", {"liger": True, "compile": True})
+    assert m.resolve_options(auto, cuda, "qwen2") == {"liger": True, "compile": True}
+    assert m.resolve_options(auto, cuda, "mistral")["liger"] is False  # no Liger modules for it
+    assert m.resolve_options(ModelConfig(liger=False), cuda, "qwen2")["liger"] is False
+    assert m.resolve_options(auto, cpu) == {"liger": False, "compile": False}
+    import importlib.util
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # liger-kernel missing
+    assert m.resolve_options(auto, cuda, "qwen2")["liger"] is False
+
+
+def test_auto_option_values_are_checked():
+    from polyfast.config import SFTConfig, load_config
+    assert load_config(SFTConfig, None, ["model.compile=auto", "model.liger=false"]).model.liger is False
+    with pytest.raises(ConfigError, match="model.liger"):
+        load_config(SFTConfig, None, ["model.liger=sometimes"])

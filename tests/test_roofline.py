@@ -54,3 +54,16 @@ def test_roofline_prints_the_table_and_the_auto_line(capsys):
     assert re.match(r"roofline: \S+ N=16384 H=2048 V=248320: [\d.]+ ms, [\d.]+ GB$", out[-1])
     table = [line for line in out if line.startswith("| 65536x1536x151936")]
     assert len(table) == 3  # gemm, triton unfiltered, triton at the given pass fraction
+
+
+def test_measured_rates_replace_the_datasheet(capsys):
+    """--matmul-tflops / --tbps (what --calibrate measures on a GPU) drive the prediction."""
+    import dataclasses
+    assert roofline.main(["--matmul-tflops", "700", "--tbps", "3.0"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    spec = dataclasses.replace(lce.H100, tflops={**lce.H100.tflops, 2: 700.0}, tbps=3.0)
+    auto = lce.choose_fused(*CCE, spec=spec)
+    r = lce.predict(auto, *CCE, spec=spec)
+    assert out[-1].startswith(f"roofline: {auto} N=16384") and f": {r['ms']:.1f} ms" in out[-1]
+    assert r["ms"] > lce.predict(auto, *CCE)["ms"]  # slower rates, a longer prediction
+    assert "700 TFLOP/s, 3 TB/s" in "\n".join(out)

@@ -32,9 +32,10 @@ from tqdm.auto import tqdm
 
 from ..config import save_config, to_dict
 from ..errors import ConfigError, Interrupted, NonFiniteError, RunError
-from ..model import TrunkHead, autocast_context, resolve_device, set_tf32
-from . import rundir
 from ..lora import add_adapters
+from ..model import TrunkHead, autocast_context, resolve_device, set_tf32
+from ..phases import phase
+from . import rundir
 from .checkpoint import (CheckpointUnreadable, export_bytes, export_lora, export_pretrained,
                          list_checkpoints, load_checkpoint, lora_export_bytes, save_checkpoint,
                          trainer_state)
@@ -45,6 +46,18 @@ from .metrics import MetricsLog
 from .optim import build_optimizer, cosine_with_warmup
 
 log = logging.getLogger("polyfast")
+
+
+def _to_host(out: dict, device: torch.device) -> tuple[dict, object]:
+    """``out`` with its tensors copied to (pinned) host memory without waiting, and the CUDA event
+    after which the copies have landed (None on a CPU: nothing to wait for)."""
+    host = {k: v.detach().to("cpu", non_blocking=True) if isinstance(v, torch.Tensor) else v
+            for k, v in out.items()}
+    if device.type != "cuda":
+        return host, None
+    landed = torch.cuda.Event()
+    landed.record()
+    return host, landed
 
 
 class Trainer:
@@ -96,6 +109,7 @@ class Trainer:
         self.guard = NonFiniteGuard(self.optimizer, self.device, deferred=not self.dist.enabled)
         self.skipped: list[BadStep] = []
         self.resumed_from: str | None = None
+        self._held_row: tuple | None = None  # a train row written after the next step is queued
 
     # -- to be provided ---------------------------------------------------------------------
     def load(self) -> tuple:
@@ -144,11 +158,13 @@ class Trainer:
         if self.dist.enabled:  # the step's loss over all ranks (a collective, not a host sync)
             out["loss"] = all_reduce_sum(out["loss"], self.dist)
         clip = self.cfg.train.grad_clip
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip else float("inf"))
-        out["grad_norm"] = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        out["bad"] = self.guard.step(self.step + 1, out["loss"], out["grad_norm"])
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        with phase("optimizer"):
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                  clip if clip else float("inf"))
+            out["grad_norm"] = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+            out["bad"] = self.guard.step(self.step + 1, out["loss"], out["grad_norm"])
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return out
 
@@ -291,6 +307,7 @@ class Trainer:
                         last = self._after_step(out, metrics, tokens / (time.perf_counter() - t0),
                                                 bar) or last
                 except KeyboardInterrupt:
+                    self._write_held_row(metrics, bar)  # the last whole step's
                     bar.close()
                     ckpts = list_checkpoints(self.cfg.run_dir)
                     raise Interrupted(self.step, self.total_steps,
@@ -376,24 +393,45 @@ class Trainer:
         return eval_before
 
     def _after_step(self, out: dict, metrics: MetricsLog, tokens_per_s: float, bar) -> dict | None:
-        """What follows a step: its non-finite report, the train row every ``log_every`` steps
-        (returned), evaluation and checkpoint at their intervals."""
+        """What follows a step: its non-finite report, the train row every ``log_every`` steps,
+        evaluation and checkpoint at their intervals. Returns the train row written now, if any.
+
+        A step's train row is written after the next step has been queued (``_held_row``): its
+        values travel to pinned host memory behind the step's own work, so reading them waits for
+        that step only and the device keeps the next one. A step that evaluates, checkpoints or
+        ends the run writes its row at once (those wait for the device anyway)."""
         t = self.cfg.train
+        row = self._write_held_row(metrics, bar)  # the previous step's
         self._handle_bad(out["bad"], metrics)
-        row = None
+        evaluates = bool(t.eval_every) and self.step % t.eval_every == 0 and self.step < self.total_steps
+        saves = bool(t.save_every) and self.step % t.save_every == 0 and self.step < self.total_steps
         if self.step % t.log_every == 0 or self.step == self.total_steps:
-            self._handle_bad(self.guard.poll(wait=True), metrics)
-            row = {"event": "train", "step": self.step, "loss": out["loss"].item(),
-                   "grad_norm": float(out["grad_norm"]), "lr": self.scheduler.get_last_lr()[0],
-                   "tokens_per_s": tokens_per_s, **self.train_row(out)}
-            metrics.write(row)
-            bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:,.0f}")
-        if t.eval_every and self.step % t.eval_every == 0 and self.step < self.total_steps:
+            self._held_row = (self.step, self.scheduler.get_last_lr()[0], tokens_per_s,
+                              *_to_host(out, self.device))
+            if evaluates or saves or self.step == self.total_steps:
+                row = self._write_held_row(metrics, bar)
+        if evaluates:
             metrics.write({"event": "eval", "step": self.step, **self.evaluate()})
-        if t.save_every and self.step % t.save_every == 0 and self.step < self.total_steps:
+        if saves:
             self._handle_bad(self.guard.poll(wait=True), metrics)
             self.save()
         bar.update(1)
+        return row
+
+    def _write_held_row(self, metrics: MetricsLog, bar) -> dict | None:
+        """Write the held train row (waiting for its step's values only); None if none is held."""
+        if self._held_row is None:
+            return None
+        step, lr, tokens_per_s, out, landed = self._held_row
+        self._held_row = None
+        if landed is not None:
+            landed.synchronize()
+        self._handle_bad(self.guard.poll(wait=True, upto=step), metrics)
+        row = {"event": "train", "step": step, "loss": float(out["loss"]),
+               "grad_norm": float(out["grad_norm"]), "lr": lr, "tokens_per_s": tokens_per_s,
+               **self.train_row(out)}
+        metrics.write(row)
+        bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:,.0f}")
         return row
 
     def summary_extra(self) -> dict:

@@ -67,13 +67,15 @@ class NonFiniteGuard:
         self.slot = (i + 1) % self.RING
         return bad + self.poll()
 
-    def poll(self, wait: bool = False) -> list[BadStep]:
-        """The bad steps among the pairs that have landed (all of them with ``wait``)."""
+    def poll(self, wait: bool = False, upto: int | None = None) -> list[BadStep]:
+        """The bad steps among the pairs that have landed; with ``wait``, all of them (those of
+        steps up to ``upto`` when given: a later step's pair is read only if it has landed)."""
         bad = []
         while self.pending:
             step, where, event = self.pending[0]
             if event is not None:
-                if not wait and not event.query():
+                waits = wait and (upto is None or step <= upto)
+                if not waits and not event.query():
                     break
                 event.synchronize()
                 values = self.host[where].tolist()

@@ -41,6 +41,7 @@ from ..kernels import joint_logprobs
 from ..lora import adapters_off, weight_files
 from ..losses import hdpo_loss
 from ..model import TrunkHead, head_weight, hidden_states, load_model, logit_softcap
+from ..phases import phase
 from .base import Trainer
 from .distributed import shard_model
 
@@ -310,15 +311,16 @@ class HDPOTrainer(Trainer):
         reads its head. Only the hidden rows that predict response tokens reach the kernel (a
         shared prompt's last row once per response). Replicated frozen models join models[0]'s
         ``joint_logprobs`` launch; sharded ones gather their own weights, one launch each."""
-        batch, _ = collate_groups(pack, self.bucket_names)
-        batch = batch.to(self.device)
+        with phase("data"):
+            batch, _ = collate_groups(pack, self.bucket_names)
+            batch = batch.to(self.device)
         sc = batch.scored
 
         def joint(ms, gs):  # the runner hands over models[0]'s hidden states and head weight
             def fn(first_hidden, first_weight):
                 hiddens, weights = [first_hidden.index_select(0, sc.rows)], [first_weight]
                 for m in ms[1:]:  # (inside the runner's autocast)
-                    with torch.no_grad(), _view(m):
+                    with torch.no_grad(), _view(m), phase("reference"):
                         hiddens.append(hidden_states(_module(m), batch).index_select(0, sc.rows))
                     # with LoRA the reference's head is the policy's: the same tensor
                     weights.append(head_weight(_module(m)))
@@ -330,8 +332,9 @@ class HDPOTrainer(Trainer):
         groups = ([([m], [g]) for m, g in zip(models, grads)] if self.frozen_sharded
                   else [(models, grads)])
         out = []
-        for ms, gs in groups:
-            with torch.set_grad_enabled(gs[0]), _view(ms[0]):
+        for ms, gs in groups:  # (a sharded frozen model's own launch: its time is the reference's)
+            with (torch.set_grad_enabled(gs[0]), _view(ms[0]),
+                  contextlib.nullcontext() if gs[0] else phase("reference")):
                 out.append(self._runner(ms[0])(batch, joint(ms, gs), self.autocast))
         if len(out) == 1:
             return (*out[0], sc)
@@ -377,7 +380,8 @@ class HDPOTrainer(Trainer):
         buckets = []
         for pack in packs:
             loss, m = self._pack_loss(pack, "train", weight_sum, num_pairs, train=True)
-            (loss * self.grad_scale).backward()
+            with phase("backward"):
+                (loss * self.grad_scale).backward()
             loss_total += loss.detach()
             for k in METRICS:
                 per_pair[k].append(m[k])

@@ -22,6 +22,7 @@ from ..data.tokenize import fit_length
 from ..errors import ConfigError
 from ..losses import bucket_sft_loss, step_normalizer
 from ..model import load_model, logit_softcap
+from ..phases import phase
 from ..tables import format_table
 from .base import Trainer
 
@@ -139,9 +140,11 @@ class SFTTrainer(Trainer):
         bucket_mass = torch.zeros(len(index))
         loss_total = torch.zeros((), device=self.device)
         for pack in packs:
-            batch = self.batch(pack)
+            with phase("data"):
+                batch = self.batch(pack)
             loss, per_token = self.micro_loss(batch, normalizer)
-            (loss * self.grad_scale).backward()
+            with phase("backward"):
+                (loss * self.grad_scale).backward()
             loss_total += loss.detach()
             bucket_sum.index_add_(0, batch.scored.buckets, per_token.detach())
             for ex in pack:
