@@ -1,6 +1,6 @@
-"""CUDA-only checks of the GPU model path: Liger modules compute the same step, a training step
-(SFT and HDPO) makes no host sync, a train row reaches the host without one, and a NaN step is
-skipped on the device without one. Skipped without a GPU."""
+"""CUDA-only checks of the GPU model path: Liger modules and compiled decoder layers compute the
+same step, a training step (SFT and HDPO) makes no host sync, a train row reaches the host without
+one, and a NaN step is skipped on the device without one. Skipped without a GPU."""
 
 import pytest
 import torch
@@ -12,13 +12,15 @@ pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-def test_liger_modules_give_the_same_step(tmp_path):
-    pytest.importorskip("liger_kernel", reason="liger-kernel is not installed")
-    plain = sft_trainer(tmp_path / "p", **{"train.device": "cuda"})
-    liger = sft_trainer(tmp_path / "l", **{"train.device": "cuda", "model.liger": True})
+@pytest.mark.parametrize("option", ["model.liger", "model.compile"])
+def test_liger_modules_and_compiled_layers_give_the_same_step(tmp_path, option):
+    if option == "model.liger":
+        pytest.importorskip("liger_kernel", reason="liger-kernel is not installed")
+    plain = sft_trainer(tmp_path / "p", **{"train.device": "cuda", option: False})
+    fast = sft_trainer(tmp_path / "f", **{"train.device": "cuda", option: True})
     pack = plain.step_packs(0)[0]
     losses, grads = [], []
-    for tr in (plain, liger):
+    for tr in (plain, fast):
         losses.append(tr.forward_backward([pack])["loss"].item())
         grads.append(param_grads(tr).double())
     assert losses[1] == pytest.approx(losses[0], rel=1e-2)  # both under bf16 autocast
