@@ -67,19 +67,18 @@ SYNCS = {"cudaDeviceSynchronize", "cudaStreamSynchronize", "cudaEventSynchronize
 
 
 def _nest(events: list[dict]) -> None:
-    """Give each host event its enclosing event on the same thread (``_parent``), parents first
-    in the list order this leaves (sorted by start, longest first)."""
-    by_thread = defaultdict(list)
+    """Sort the host events by start (the longer first: parents before children, forward ops before
+    their backward) and give each its enclosing event on the same thread (``_parent``) and whether
+    an operator encloses it (``_in_op``)."""
+    events.sort(key=lambda e: (e["ts"], -e.get("dur", 0)))
+    stacks: dict[tuple, list[dict]] = defaultdict(list)
     for e in events:
-        by_thread[(e["pid"], e["tid"])].append(e)
-    for evs in by_thread.values():
-        evs.sort(key=lambda e: (e["ts"], -e.get("dur", 0)))
-        stack: list[dict] = []
-        for e in evs:
-            while stack and e["ts"] >= stack[-1]["ts"] + stack[-1].get("dur", 0):
-                stack.pop()
-            e["_parent"] = stack[-1] if stack else None
-            stack.append(e)
+        stack = stacks[(e["pid"], e["tid"])]
+        while stack and e["ts"] >= stack[-1]["ts"] + stack[-1].get("dur", 0):
+            stack.pop()
+        parent = e["_parent"] = stack[-1] if stack else None
+        e["_in_op"] = parent is not None and (parent.get("cat") == "cpu_op" or parent["_in_op"])
+        stack.append(e)
 
 
 def _phase_name(e: dict) -> str | None:
@@ -119,7 +118,7 @@ def _label(events: list[dict], flows: list[dict], phases: _Phases) -> None:
         if f.get("ph") == "f" and f["id"] in starts:
             s = starts[f["id"]]
             backward_of[(f["pid"], f["tid"], f["ts"])] = (s["pid"], s["tid"], s["ts"])
-    for e in events:  # parents come before children (``_nest``'s order within a thread)
+    for e in events:  # in ``_nest``'s order: parents and forward ops first
         parent = e["_parent"]
         own = _phase_name(e)
         if parent is None:
@@ -133,8 +132,7 @@ def _label(events: list[dict], flows: list[dict], phases: _Phases) -> None:
         key = (e["pid"], e["tid"], e["ts"])
         if e.get("cat") == "cpu_op" and key in backward_of:
             forward = at.get(backward_of[key])
-            e["_from"] = (forward["_phase"] if forward is not None and "_phase" in forward
-                          else "backward")
+            e["_from"] = forward["_phase"] if forward is not None else "backward"
             if parent is not None and parent["name"].startswith(_EVALUATE):
                 parent["_from"] = e["_from"]  # the engine's frame around the node is its work
 
@@ -181,8 +179,7 @@ def analyse(trace: dict, cuda: bool, steps: int) -> dict:
                     if e.get("cat") in ("cuda_runtime", "cuda_driver"))
         end = max([host_end] + [e["ts"] + e["dur"] for e, _ in work])
     else:  # the outermost operators are the work
-        work = [(e, e) for e in in_window if e.get("cat") == "cpu_op"
-                and not _has_op_parent(e)]
+        work = [(e, e) for e in in_window if e.get("cat") == "cpu_op" and not e["_in_op"]]
         syncs, end = None, host_end
     per_cat = dict.fromkeys(CATEGORIES, 0.0)
     intervals = []
@@ -206,15 +203,6 @@ def analyse(trace: dict, cuda: bool, steps: int) -> dict:
             "h2d": {"count": h2d["count"] / steps, "mb": h2d["bytes"] / 2**20 / steps,
                     "ms": h2d["ms"] / steps} if cuda else None,
             "syncs": syncs / steps if syncs is not None else None}
-
-
-def _has_op_parent(e: dict) -> bool:
-    p = e["_parent"]
-    while p is not None:
-        if p.get("cat") == "cpu_op":
-            return True
-        p = p["_parent"]
-    return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,15 +289,11 @@ def render(rows: list[dict]) -> str:
 
 
 def parse_args(argv=None):
-    from .train import split_mode
+    from .train import check_mode
     from .train_setup import MODELS
 
     def polyfast_mode(text: str) -> str:
-        try:
-            base, _ = split_mode(text)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-        if base.endswith(":baseline"):
+        if check_mode(text).split("+")[0].endswith(":baseline"):
             raise argparse.ArgumentTypeError(f"{text}: the baselines have no phases to profile")
         return text
     p = argparse.ArgumentParser(description=__doc__,

@@ -5,7 +5,8 @@
     python -m polyfast.bench.train --mode hdpo --data sample --limit 600 --max-tokens 4096 --steps 0
                                   # prefix sharing: one epoch on 600 records of the authors' sample
 
-Five modes (and three more on request), each in a fresh process (so that peak memory is its own), same init, same data:
+Five modes (three more on request), each in a fresh process (so that peak memory is its own), same
+init, same data:
 
   sft   polyfast   SFTTrainer: bucket packs of ``--max-tokens``, varlen attention, fused loss kernel
   sft   baseline   the authors' setup: one example per forward (batch of one), SDPA, the model's own
@@ -26,9 +27,11 @@ A polyfast mode takes the model options as suffixes, measured side by side with 
 ``sft:polyfast+liger`` (``model.liger``), ``+compile`` (``model.compile``), ``+ac`` (activation
 checkpointing), combined as ``sft:polyfast+liger+compile``.
 
-The precomputed and LoRA modes are not in the default list (``--modes sft:lora hdpo:lora``, or ``--lora`` to add
-them): their peak memory beside the full fine-tuning modes' is the point. Their FLOPs count the
-trunk's backward once (the input gradient; frozen weights get none): 2 forwards per training step.
+The precomputed and LoRA modes are not in the default list (``--modes hdpo:precomputed``,
+``--modes sft:lora hdpo:lora`` or ``--lora`` to add the LoRA ones: their peak memory beside the full
+fine-tuning modes' is the point). The LoRA modes' FLOPs count the trunk's backward once (the input
+gradient; frozen weights get none): 2 forwards per training step; the precomputed mode has no
+reference forward.
 
 The HDPO modes start from the same random-init checkpoint (written once) and train on pairs whose
 rejected side is the human response with its words reversed; distances are the text-feature band
@@ -167,12 +170,14 @@ def mode_args(mode: str, args) -> argparse.Namespace:
     return argparse.Namespace(**{**vars(args), **{OPTIONS[o]: True for o in opts}})
 
 
-def _mode(text: str) -> str:  # argparse's check of --modes
+def check_mode(text: str) -> str:
+    """``text`` if it is a mode (``split_mode``), else argparse's error saying why."""
     try:
         split_mode(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return text
+
 
 def compile_warmup(args) -> int:
     """The untimed steps: ``--warmup``, and with compiled layers at least 3 (torch.compile builds
@@ -226,7 +231,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=sorted(MODELS), default="demo")
-    p.add_argument("--modes", nargs="*", default=MODES, type=_mode, metavar="MODE",
+    p.add_argument("--modes", nargs="*", default=MODES, type=check_mode, metavar="MODE",
                    help=f"modes (default: {' '.join(MODES)}; also {' '.join(EXTRA_MODES)}); a "
                         "polyfast mode takes options: +liger, +compile, +ac (activation "
                         "checkpointing), e.g. sft:polyfast+liger")

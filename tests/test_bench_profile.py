@@ -1,6 +1,8 @@
 """bench/profile.py: a step's time split by phase, from a hand-made CUDA trace (launch links,
 backward work by its forward op's phase, idle gaps, copies, syncs) and from real CPU steps."""
 
+import random
+
 import pytest
 from polyfast.bench import profile as bench
 
@@ -58,6 +60,7 @@ def _trace():
     for e in ev:  # kineto's runtime events have their own cat: drivers too
         if e["name"] == "cuLaunchKernel":
             e["cat"] = "cuda_driver"
+    random.Random(0).shuffle(ev)  # the analysis may not lean on the trace's order
     return {"traceEvents": ev}
 
 
